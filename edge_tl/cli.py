@@ -1,0 +1,121 @@
+"""The `edge-tl` command line: parses arguments and calls the pipeline functions, nothing more."""
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from edge_tl.errors import EdgeTLError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def metrics_table(metrics: dict, title: str) -> Table:
+    """A table of the headline metrics and per-class precision/recall."""
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("precision", justify="right")
+    table.add_column("recall", justify="right")
+    table.add_column("support", justify="right")
+    for name, row in metrics["per_class"].items():
+        marker = " (ok)" if name == metrics.get("ok_class") else ""
+        table.add_row(name + marker, f"{row['precision']:.3f}", f"{row['recall']:.3f}", str(row["support"]))
+    table.add_section()
+    table.add_row("accuracy", "", f"{metrics['accuracy']:.4f}", str(metrics.get("num_samples", "")))
+    table.add_row("balanced accuracy", "", f"{metrics['balanced_accuracy']:.4f}", "")
+    if "escape_rate" in metrics:
+        table.add_row("escape rate", "", f"{metrics['escape_rate']:.4f}", "")
+        table.add_row("false reject rate", "", f"{metrics['false_reject_rate']:.4f}", "")
+    return table
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log diagnostics to stderr.")
+def cli(verbose: bool) -> None:
+    """edge-tl: fine-tune, compress, export and verify defect-detection models for edge devices."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _finetune_config(**kwargs):
+    from edge_tl.finetune import FinetuneConfig
+
+    return FinetuneConfig(**{key: value for key, value in kwargs.items() if value is not None})
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory to create.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--img-size", type=int, default=None, help="Input size in pixels (default: the backbone's).")
+@click.option("--epochs", type=int, default=None, help="Maximum head epochs (early stopping may end sooner).")
+@click.option("--unfreeze", type=int, default=0, show_default=True, help="Also train the last K trunk blocks.")
+@click.option("--ok-class", default=None, help="The good-part class; enables escape and false-reject rates.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file.")
+@click.option("--no-pretrained", is_flag=True, help="Start from random weights (testing only).")
+@click.option("--no-cache", is_flag=True, help="Run the trunk every epoch instead of caching its features.")
+@click.option("--strict", is_flag=True, help="Unreadable images are an error instead of a warning.")
+@click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
+def finetune(data_dir, out, backbone, img_size, epochs, unfreeze, ok_class, seed, weights, no_pretrained,
+             no_cache, strict, force):
+    """Fine-tune a pretrained backbone with its trunk frozen on an ImageFolder DATA_DIR."""
+    from edge_tl.finetune import finetune as run_finetune
+
+    cfg = _finetune_config(backbone=backbone, img_size=img_size, epochs=epochs, unfreeze=unfreeze,
+                           ok_class=ok_class, seed=seed, weights=str(weights) if weights else None,
+                           pretrained=not no_pretrained, cache_features=not no_cache, strict=strict)
+    result = run_finetune(data_dir, out, cfg, force=force)
+    console.print(metrics_table(result.metrics, f"validation metrics ({out})"))
+    console.print(f"finetune took {result.seconds_total:.1f} s; wrote {out}/model.safetensors, run.json, metrics.json")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Metrics file (default RUN_DIR/evaluation.json).")
+def evaluate(run_dir, data_dir, out):
+    """Evaluate a fine-tuned RUN_DIR on another DATA_DIR with the same classes."""
+    from edge_tl.finetune import evaluate as run_evaluate
+
+    metrics = run_evaluate(run_dir, data_dir, out)
+    console.print(metrics_table(metrics, f"evaluation on {data_dir}"))
+
+
+@cli.command()
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Demo directory (default: edge-tl-demo in the system temp folder); replaced on each run.")
+def demo(out):
+    """Run the pipeline on an embedded, generated surface-defect dataset."""
+    from edge_tl.demo import run_demo
+
+    out = out or Path(tempfile.gettempdir()) / "edge-tl-demo"
+    result = run_demo(out)
+    console.print(metrics_table(result.metrics, "demo: validation metrics"))
+    console.print(f"demo finished in {result.seconds_total:.1f} s; run directory {result.run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for user errors, 1 for failed gates)."""
+    try:
+        cli.main(args=argv, prog_name="edge-tl", standalone_mode=False)
+    except EdgeTLError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return err.exit_code
+    except click.exceptions.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Frozen-trunk fine-tuning with a feature cache, evaluation, and checkpoint loading.
+
+A frozen trunk is a fixed function, so its output is computed once per image view and cached:
+the plain view plus a few augmented views of every training image. Head epochs then cost a
+matrix multiply instead of a trunk pass. With ``unfreeze=K`` the cache holds the activations
+entering the last K trunk blocks, and only those blocks, the pool and the head run per epoch.
+Trunk BatchNorm statistics stay frozen in every mode (small factory datasets cannot re-estimate
+them reliably).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_tl import data as data_mod
+from edge_tl.artifacts import (
+    atomic_write_json,
+    check_new_run_dir,
+    load_weights,
+    read_json,
+    save_weights,
+    staged_run_dir,
+)
+from edge_tl.backbones import BackboneSpec, build_model, get_backbone
+from edge_tl.errors import ArtifactError, ConfigError, DatasetError
+from edge_tl.metrics import classification_metrics, resolve_ok_class
+from edge_tl.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Settings of one fine-tuning run; every field has a default and is saved in run.json."""
+
+    backbone: str = "efficientnet_lite0"
+    img_size: int | None = None
+    epochs: int = 40
+    unfreeze: int = 0
+    ok_class: str | None = None
+    seed: int = 0
+    val_fraction: float = 0.2
+    batch_size: int = 64
+    lr: float = 3e-3
+    unfreeze_lr_ratio: float = 0.1
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.05
+    augmented_views: int = 4
+    patience: int = 10
+    cache_features: bool = True
+    pretrained: bool = True
+    weights: str | None = None
+    strict: bool = False
+
+    def resolved_img_size(self, spec: BackboneSpec) -> int:
+        return self.img_size or spec.default_img_size
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    metrics: dict
+    history: list = field(default_factory=list)
+    seconds_total: float = 0.0
+    seconds_per_epoch: float = 0.0
+
+
+def _validate(data_dir: Path, out: Path | None, cfg: FinetuneConfig, force: bool):
+    """Every check that can fail on user input, before any expensive work."""
+    spec = get_backbone(cfg.backbone)
+    spec.check_img_size(cfg.resolved_img_size(spec))
+    if cfg.epochs < 1:
+        raise ConfigError(f"--epochs {cfg.epochs} must be at least 1")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ConfigError(f"validation fraction {cfg.val_fraction} must lie strictly between 0 and 1")
+    if cfg.augmented_views < 0:
+        raise ConfigError(f"augmented views {cfg.augmented_views} must be 0 or more")
+    if out is not None:
+        check_new_run_dir(out, force)
+    scan = data_mod.scan_image_folder(data_dir, strict=cfg.strict)
+    resolve_ok_class(scan.classes, cfg.ok_class)
+    return spec, scan
+
+
+def freeze_trunk(model: nn.Module, unfreeze: int) -> list[nn.Parameter]:
+    """Freeze trunk weights except the last ``unfreeze`` blocks; return the trainable trunk params."""
+    blocks = model.trunk.blocks
+    if not 0 <= unfreeze <= len(blocks):
+        raise ConfigError(f"--unfreeze {unfreeze} is out of range; this backbone has {len(blocks)} trunk blocks")
+    for param in model.trunk.parameters():
+        param.requires_grad_(False)
+    trainable = []
+    for block in list(blocks)[len(blocks) - unfreeze:]:
+        for param in block.parameters():
+            param.requires_grad_(True)
+            trainable.append(param)
+    return trainable
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """Head in training mode; the trunk stays in eval mode so BatchNorm statistics never move."""
+    model.train()
+    model.trunk.eval()
+
+
+class _TrainableTail(nn.Module):
+    """The part of the network that runs per epoch on cached inputs: last K blocks, pool, head."""
+
+    def __init__(self, model: nn.Module, unfreeze: int):
+        super().__init__()
+        blocks = list(model.trunk.blocks)
+        self.blocks = nn.Sequential(*blocks[len(blocks) - unfreeze:])
+        self.pool = model.trunk.pool
+        self.head = model.head
+        self.unfreeze = unfreeze
+
+    def forward(self, cached: torch.Tensor) -> torch.Tensor:
+        if self.unfreeze:
+            cached = self.pool(self.blocks(cached.float()))
+        return self.head(cached)
+
+
+def frozen_prefix(model: nn.Module, unfreeze: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The fixed function whose outputs are cached: the trunk up to its last ``unfreeze`` blocks."""
+    blocks = list(model.trunk.blocks)
+    if unfreeze == 0:
+        return model.trunk
+    return nn.Sequential(*blocks[: len(blocks) - unfreeze])
+
+
+def _batched(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _image_views(record, cfg_img_size: int, spec: BackboneSpec, views: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Plain view first, then ``views`` augmented views of one image, each preprocessed."""
+    image = data_mod.load_image(record.path).resize((cfg_img_size, cfg_img_size), data_mod.RESAMPLE)
+    out = [data_mod.preprocess(image, cfg_img_size, spec.mean, spec.std)]
+    for _ in range(views):
+        out.append(data_mod.preprocess(data_mod.augment(image, rng), cfg_img_size, spec.mean, spec.std))
+    return out
+
+
+@torch.inference_mode()
+def cache_features(prefix, records, img_size: int, spec: BackboneSpec, views: int, seed: int,
+                   batch_size: int = 32, description: str = "caching trunk features") -> torch.Tensor:
+    """Run the frozen prefix over every record's views once: a tensor (views + 1, N, ...)."""
+    rng = np.random.default_rng(seed)
+    per_view: list[list[torch.Tensor]] = [[] for _ in range(views + 1)]
+    with progress_bar(description, total=len(records)) as advance:
+        for chunk in _batched(list(records), batch_size):
+            stacked = [_image_views(record, img_size, spec, views, rng) for record in chunk]
+            for view in range(views + 1):
+                batch = torch.from_numpy(np.stack([item[view] for item in stacked]))
+                features = prefix(batch)
+                per_view[view].append(features.half() if features.dim() > 2 else features)
+            advance(len(chunk))
+    return torch.stack([torch.cat(parts) for parts in per_view])
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, records, img_size: int, spec_mean, spec_std, batch_size: int = 32,
+                   description: str = "predicting") -> np.ndarray:
+    """Logits of the model for the plain view of every record (the preprocessing every stage shares)."""
+    model.eval()
+    outputs = []
+    with progress_bar(description, total=len(records)) as advance:
+        for chunk in _batched(list(records), batch_size):
+            batch = np.stack([data_mod.preprocess(data_mod.load_image(r.path), img_size, spec_mean, spec_std) for r in chunk])
+            outputs.append(model(torch.from_numpy(batch)).float().numpy())
+            advance(len(chunk))
+    return np.concatenate(outputs)
+
+
+def _loss_fn(labels: np.ndarray, num_classes: int, cfg: FinetuneConfig) -> nn.Module:
+    weights = torch.as_tensor(data_mod.class_weights(labels, num_classes), dtype=torch.float32)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+
+
+def _balanced_accuracy_of(logits: np.ndarray, labels: np.ndarray, classes) -> float:
+    return classification_metrics(labels, logits.argmax(1), classes)["balanced_accuracy"]
+
+
+def train_head(model: nn.Module, train_records, val_records, classes, spec: BackboneSpec, img_size: int,
+               cfg: FinetuneConfig) -> tuple[list[dict], float]:
+    """Train the head (and the last ``cfg.unfreeze`` blocks); restore the best epoch in place.
+
+    Returns the per-epoch history and the mean seconds per training epoch (excluding caching).
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    trunk_params = freeze_trunk(model, cfg.unfreeze)
+    train_labels = np.array([r.label for r in train_records])
+    val_labels = np.array([r.label for r in val_records])
+    loss_fn = _loss_fn(train_labels, len(classes), cfg)
+    groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
+    if trunk_params:
+        groups.append({"params": trunk_params, "lr": cfg.lr * cfg.unfreeze_lr_ratio})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+
+    tail = _TrainableTail(model, cfg.unfreeze)
+    if cfg.cache_features:
+        prefix = frozen_prefix(model, cfg.unfreeze)
+        train_cache = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed)
+        val_cache = cache_features(prefix, val_records, img_size, spec, 0, cfg.seed,
+                                   description="caching validation features")[0]
+
+    history, best_state, best_key, stale, epoch_seconds = [], None, None, 0, []
+    targets = torch.from_numpy(train_labels)
+    with progress_bar("training head", total=cfg.epochs) as advance:
+        for epoch in range(cfg.epochs):
+            start = time.perf_counter()
+            set_train_mode(model)
+            order = rng.permutation(len(train_records))
+            losses = []
+            for idx in _batched(order, cfg.batch_size):
+                if cfg.cache_features:
+                    view = torch.from_numpy(rng.integers(0, cfg.augmented_views + 1, size=len(idx)))
+                    inputs = train_cache[view, torch.from_numpy(idx)]
+                    logits = tail(inputs)
+                else:
+                    batch = np.stack([_image_views(train_records[i], img_size, spec, 1, rng)[1] for i in idx])
+                    logits = model(torch.from_numpy(batch))
+                loss = loss_fn(logits, targets[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss))
+            scheduler.step()
+            epoch_seconds.append(time.perf_counter() - start)
+
+            model.eval()
+            with torch.inference_mode():
+                if cfg.cache_features:
+                    val_logits = torch.cat([tail(chunk) for chunk in torch.split(val_cache, 256)]).numpy()
+                else:
+                    val_logits = predict_logits(model, val_records, img_size, spec.mean, spec.std,
+                                                description="validating")
+            val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
+            bal = _balanced_accuracy_of(val_logits, val_labels, classes)
+            history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+                            "val_balanced_accuracy": bal})
+            key = (bal, -val_loss)
+            if best_key is None or key > best_key:
+                best_key, stale = key, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+            advance(1)
+            if stale >= cfg.patience:
+                log.info("early stopping after epoch %d (best balanced accuracy %.4f)", epoch + 1, best_key[0])
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return history, float(np.mean(epoch_seconds))
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import timm
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = FinetuneConfig(), force: bool = False) -> FinetuneResult:
+    """Fine-tune a pretrained backbone on an ImageFolder; write a run directory."""
+    started = time.perf_counter()
+    data_dir, out = Path(data_dir), Path(out)
+    spec, scan = _validate(data_dir, out, cfg, force)
+    img_size = cfg.resolved_img_size(spec)
+    train, val = data_mod.split_stratified(scan.records, cfg.val_fraction, cfg.seed)
+    model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,
+                        weights=cfg.weights)
+    history, seconds_per_epoch = train_head(model, train, val, scan.classes, spec, img_size, cfg)
+    logits = predict_logits(model, val, img_size, spec.mean, spec.std, description="evaluating")
+    metrics = classification_metrics([r.label for r in val], logits.argmax(1), scan.classes, cfg.ok_class)
+    run_info = {
+        "format": "edge-tl-run",
+        "version": 1,
+        "backbone": spec.name,
+        "img_size": img_size,
+        "classes": list(scan.classes),
+        "ok_class": cfg.ok_class,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "channel_order": "RGB",
+        "layout": "NCHW",
+        "data_dir": str(data_dir.resolve()),
+        "class_counts": scan.counts(),
+        "split": {
+            "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction,
+            "train_files": [str(r.path.relative_to(scan.root)) for r in train],
+            "val_files": [str(r.path.relative_to(scan.root)) for r in val],
+            "train_hash": data_mod.file_list_hash(train, scan.root),
+            "val_hash": data_mod.file_list_hash(val, scan.root),
+        },
+        "skipped_files": [str(path) for path, _ in scan.skipped],
+        "config": asdict(cfg),
+        "history": history,
+        "versions": _versions(),
+    }
+    with staged_run_dir(out, force) as staging:
+        save_weights(staging / "model.safetensors", model.state_dict(), {"backbone": spec.name})
+        atomic_write_json(staging / "metrics.json", metrics)
+        atomic_write_json(staging / "run.json", run_info)
+    return FinetuneResult(out, metrics, history, time.perf_counter() - started, seconds_per_epoch)
+
+
+def load_checkpoint(run_dir: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the fine-tuned model of a run directory from run.json and model.safetensors."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ArtifactError(f"run directory {run_dir} does not exist; run `edge-tl finetune DATA_DIR --out {run_dir}` first")
+    run_info = read_json(run_dir / "run.json")
+    spec = get_backbone(run_info["backbone"])
+    model = build_model(spec, num_classes=len(run_info["classes"]), img_size=run_info["img_size"], pretrained=False)
+    model.load_state_dict(load_weights(run_dir / "model.safetensors"), strict=True)
+    model.eval()
+    return model, run_info
+
+
+def run_records(run_info: dict, split: str = "val") -> list:
+    """The records of a run's train or validation split, resolved against its data directory."""
+    root = Path(run_info["data_dir"])
+    classes = run_info["classes"]
+    records = []
+    for rel in run_info["split"][f"{split}_files"]:
+        path = root / rel
+        if not path.is_file():
+            raise DatasetError(f"{path} from the run's {split} split is missing; pass --data DIR with the same classes")
+        records.append(data_mod.ImageRecord(path, classes.index(Path(rel).parts[0])))
+    return records
+
+
+def evaluate(run_dir: str | Path, data_dir: str | Path, out: str | Path | None = None) -> dict:
+    """Metrics of a fine-tuned run on another folder with the same classes."""
+    run_dir = Path(run_dir)
+    model, run_info = load_checkpoint(run_dir)
+    scan = data_mod.scan_image_folder(data_dir)
+    if list(scan.classes) != list(run_info["classes"]):
+        raise DatasetError(
+            f"{data_dir} has classes {', '.join(scan.classes)} but the run was trained on "
+            f"{', '.join(run_info['classes'])}; evaluate on a folder with the same class folders"
+        )
+    logits = predict_logits(model, scan.records, run_info["img_size"], run_info["mean"], run_info["std"])
+    metrics = classification_metrics([r.label for r in scan.records], logits.argmax(1), scan.classes,
+                                     run_info.get("ok_class"))
+    atomic_write_json(Path(out) if out else run_dir / "evaluation.json", metrics)
+    return metrics
