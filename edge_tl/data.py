@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 MIN_IMAGES_PER_CLASS = 2
+RESAMPLE = Image.Resampling.BILINEAR  # the one resize filter every stage uses (Pillow's, antialiased)
 _LISTED_NAMES = 20
 _ROTATIONS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -113,7 +114,7 @@ def scan_image_folder(root: str | os.PathLike, strict: bool = False) -> DatasetS
         )
     if len(classes) == 1:
         raise DatasetError(
-            f"dataset folder {root} has a single class ({classes[0]}); a classifier needs at least 2 class "
+            f"dataset folder {root} has only one class ({classes[0]}); a classifier needs at least 2 class "
             "sub-folders, e.g. one for good parts and one per defect type"
         )
     records, skipped, candidates = [], [], 0
@@ -240,7 +241,7 @@ def resize_image(image: Image.Image, img_size: int) -> Image.Image:
         raise ConfigError(f"image size {img_size!r} is not a positive integer; use e.g. 224")
     if image.size == (img_size, img_size):
         return image
-    return image.resize((img_size, img_size), Image.Resampling.BILINEAR)
+    return image.resize((img_size, img_size), RESAMPLE)
 
 
 def normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
