@@ -131,10 +131,10 @@ def make_surface_image(kind: str, img_size: int, rng: np.random.Generator) -> Im
         raise ConfigError(f"unknown surface class {kind!r}; valid classes are {', '.join(_DEFECTS)}")
     scale = img_size / _REFERENCE_SIZE
     gray = _surface(rng, img_size)
+    tint = rng.uniform(0.97, 1.03, size=3).astype(np.float32)
     defect = _DEFECTS[kind]
     if defect is not None:
         gray = gray + defect(rng, img_size, scale)
-    tint = rng.uniform(0.97, 1.03, size=3).astype(np.float32)
     rgb = np.clip(np.rint(gray[:, :, None] * tint), 0, 255).astype(np.uint8)
     return Image.fromarray(rgb)
 
