@@ -26,6 +26,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", 
 MIN_IMAGES_PER_CLASS = 2
 RESAMPLE = Image.Resampling.BILINEAR  # the one resize filter every stage uses (Pillow's, antialiased)
 _LISTED_NAMES = 20
+_LAYOUT = "one sub-folder of images per class"
 _ROTATIONS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
@@ -101,9 +102,9 @@ def scan_image_folder(root: str | os.PathLike, strict: bool = False) -> DatasetS
     """
     root = Path(root).expanduser()
     if not root.exists():
-        raise DatasetError(f"dataset folder {root} does not exist; pass a folder with one sub-folder of images per class")
+        raise DatasetError(f"dataset folder {root} does not exist; pass a folder with {_LAYOUT}")
     if not root.is_dir():
-        raise DatasetError(f"dataset path {root} is a file, not a folder; pass a folder with one sub-folder of images per class")
+        raise DatasetError(f"dataset path {root} is a file, not a folder; pass a folder with {_LAYOUT}")
     classes = tuple(sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not _is_hidden(entry.name)))
     if not classes:
         loose = sum(1 for entry in root.iterdir() if entry.suffix.lower() in IMAGE_EXTENSIONS)
