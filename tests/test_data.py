@@ -24,7 +24,7 @@ from edge_tl.data import (
     split_stratified,
 )
 from edge_tl.errors import ArtifactError, ConfigError, DatasetError
-from edge_tl.synthetic import make_surface_dataset
+from edge_tl.synthetic import make_surface_dataset, make_surface_image
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -172,7 +172,7 @@ def _case_no_image_files(root: Path) -> None:
     ],
     ids=lambda value: getattr(value, "__name__", "")[6:] or None,
 )
-def test_bad_folders_raise_one_line_dataset_errors(make, expected, tmp_path, caplog):
+def test_bad_folders_raise_one_line_dataset_errors(make, expected, tmp_path):
     root = tmp_path / "data"
     make(root)
     with pytest.raises(DatasetError) as info:
@@ -427,8 +427,6 @@ def test_synthetic_dataset_is_deterministic_and_refuses_to_overwrite(tmp_path):
 
 def test_synthetic_defects_change_the_surface():
     # Same seed, same surface: the defect is the only difference between classes.
-    from edge_tl.synthetic import make_surface_image
-
     plain = np.asarray(make_surface_image("ok", 64, np.random.default_rng(4)), dtype=np.int16)
     for kind in ("scratch", "spot", "crack"):
         marked = np.asarray(make_surface_image(kind, 64, np.random.default_rng(4)), dtype=np.int16)
