@@ -144,7 +144,7 @@ def _batched(items: Sequence, size: int):
 
 def _image_views(record, cfg_img_size: int, spec: BackboneSpec, views: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Plain view first, then ``views`` augmented views of one image, each preprocessed."""
-    image = data_mod.load_image(record.path).resize((cfg_img_size, cfg_img_size), data_mod.RESAMPLE)
+    image = data_mod.resize_image(data_mod.load_image(record.path), cfg_img_size)
     out = [data_mod.preprocess(image, cfg_img_size, spec.mean, spec.std)]
     for _ in range(views):
         out.append(data_mod.preprocess(data_mod.augment(image, rng), cfg_img_size, spec.mean, spec.std))
@@ -236,7 +236,7 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
             scheduler.step()
             epoch_seconds.append(time.perf_counter() - start)
 

@@ -1,0 +1,81 @@
+"""Frozen-trunk fine-tuning on generated images with the real pretrained EfficientNet-Lite0 trunk."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edge_tl.backbones import build_model
+from edge_tl.finetune import FinetuneConfig, evaluate, finetune, freeze_trunk, load_checkpoint
+
+IMG = 64
+FAST = FinetuneConfig(img_size=IMG, epochs=8, augmented_views=2, ok_class="ok", seed=0, patience=8)
+
+
+@pytest.fixture(scope="module")
+def finetuned_run(surface_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    return finetune(surface_dataset, out, FAST)
+
+
+def test_run_directory_has_checkpoint_manifest_and_metrics(finetuned_run):
+    run_dir = finetuned_run.run_dir
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.json", "model.safetensors", "run.json"]
+    run_info = json.loads((run_dir / "run.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert run_info["backbone"] == "efficientnet_lite0" and run_info["img_size"] == IMG
+    assert run_info["classes"] == ["crack", "ok", "scratch", "spot"]
+    assert len(run_info["split"]["train_hash"]) == 64 and run_info["split"]["seed"] == 0
+    assert {"torch", "onnxruntime", "timm"} <= set(run_info["versions"])
+    assert set(metrics) >= {"classes", "accuracy", "balanced_accuracy", "per_class", "confusion_matrix",
+                            "escape_rate", "false_reject_rate"}
+    matrix = np.array(metrics["confusion_matrix"])
+    assert matrix.sum() == len(run_info["split"]["val_files"])
+    assert all(0.0 <= metrics[key] <= 1.0 for key in ("accuracy", "balanced_accuracy", "escape_rate"))
+    # A pretrained trunk with a trained head separates these textures well above chance (0.25).
+    assert metrics["balanced_accuracy"] >= 0.6
+
+
+def test_frozen_trunk_is_bit_identical_and_only_head_trains(finetuned_run):
+    model, run_info = load_checkpoint(finetuned_run.run_dir)
+    fresh = build_model("efficientnet_lite0", num_classes=4, img_size=IMG, pretrained=True)
+    tuned_trunk = model.trunk.state_dict()
+    for name, tensor in fresh.trunk.state_dict().items():
+        assert torch.equal(tensor, tuned_trunk[name]), name  # weights and BN running statistics
+    assert not torch.equal(fresh.head.weight, model.head.weight)
+
+    trainable = freeze_trunk(fresh, 0)
+    assert trainable == []
+    requires_grad = sum(p.numel() for p in fresh.parameters() if p.requires_grad)
+    assert requires_grad == sum(p.numel() for p in fresh.head.parameters())
+
+
+def test_checkpoint_reloads_to_the_same_metrics(finetuned_run, surface_dataset, tmp_path):
+    metrics = evaluate(finetuned_run.run_dir, surface_dataset, tmp_path / "eval.json")
+    on_disk = json.loads((tmp_path / "eval.json").read_text())
+    assert on_disk == metrics
+    assert metrics["classes"] == finetuned_run.metrics["classes"]
+    assert sum(row["support"] for row in metrics["per_class"].values()) == 48
+
+
+def test_unfreeze_trains_only_the_last_blocks(surface_dataset, tmp_path):
+    cfg = FinetuneConfig(img_size=IMG, epochs=2, augmented_views=1, unfreeze=2, seed=0)
+    result = finetune(surface_dataset, tmp_path / "run", cfg)
+    model, _ = load_checkpoint(result.run_dir)
+    fresh = build_model("efficientnet_lite0", num_classes=4, img_size=IMG, pretrained=True)
+    blocks = len(model.trunk.blocks)
+    for index in range(blocks):
+        tuned = model.trunk.blocks[index].state_dict()
+        same = all(torch.equal(t, tuned[n]) for n, t in fresh.trunk.blocks[index].state_dict().items())
+        assert same == (index < blocks - 2), index
+
+
+def test_cached_and_uncached_training_reach_the_same_accuracy(surface_dataset, tmp_path):
+    cached = finetune(surface_dataset, tmp_path / "cached", FAST)
+    uncached = finetune(surface_dataset, tmp_path / "uncached",
+                        FinetuneConfig(**{**FAST.__dict__, "cache_features": False}))
+    assert uncached.metrics["balanced_accuracy"] >= 0.6
+    assert abs(cached.metrics["balanced_accuracy"] - uncached.metrics["balanced_accuracy"]) <= 0.15
+    assert cached.seconds_per_epoch < uncached.seconds_per_epoch
