@@ -1,0 +1,382 @@
+"""Structured pruning of the trunk with NNI, the pruned-shape spec, cost counters, and recovery.
+
+What is pruned: the expansion (1x1) convolution of every inverted-residual block, by output
+channel. The depthwise convolution after it and any squeeze-excitation gate scaling its output
+lose the same channels (NNI's channel-dependency analysis names these groups; edge-tl gives
+every member the expansion conv's mask so ModelSpeedup's conflict fixing keeps them), and
+ModelSpeedup propagates the removal into the projection conv's input and the SE reduce conv's
+input. Block outputs tied by residual additions, the stem and the final conv (the head's input)
+keep their widths. Kept counts are rounded to multiples of ``align``.
+
+After pruning, BatchNorm statistics are moment-matched to the parent on calibration images when
+given: every BatchNorm's running mean/variance is set so its output has the parent's per-channel
+mean and standard deviation on those images. This keeps the frozen head's inputs where fine-tuning
+left them, without retraining.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from edge_tl import nni_compat
+from edge_tl.backbones import EdgeClassifier
+from edge_tl.errors import ArtifactError, ConfigError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("l1", "l2", "fpgm", "taylor")
+SPEC_FORMAT = "edge-tl-shape-spec/1"
+MAX_CALIBRATION_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class PruneGroup:
+    """Layers that lose the same channels: an expansion conv, its depthwise conv and SE gate convs."""
+
+    block_index: int
+    expansion: str
+    depthwise: str
+    gates: tuple[str, ...]
+    channels: int
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels == module.out_channels
+
+
+def _is_pointwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.kernel_size == (1, 1)
+
+
+def _block_index(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["trunk", "blocks"] and parts[2].isdigit() else None
+
+
+def _traced(model: nn.Module, img_size: int) -> torch.fx.GraphModule:
+    graph_module = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        ShapeProp(graph_module).propagate(torch.zeros(1, 3, img_size, img_size))
+    return graph_module
+
+
+def find_prune_groups(model: EdgeClassifier, img_size: int) -> list[PruneGroup]:
+    """The prunable channel groups of ``model``'s trunk, one per inverted-residual block with an expansion conv."""
+    graph_module = _traced(model, img_size)
+    modules = dict(model.named_modules())
+    groups = []
+    for names in nni_compat.channel_dependency_sets(graph_module):
+        depthwise = [name for name in names if _is_depthwise(modules.get(name))]
+        if len(depthwise) != 1:
+            continue  # outputs tied by residual additions: left alone
+        parents = nni_compat.parent_layer_names(graph_module, depthwise[0])
+        expansion = parents[0] if len(parents) == 1 else None
+        gates = sorted(names - {depthwise[0], expansion})
+        channels = modules[depthwise[0]].out_channels
+        block = _block_index(depthwise[0])
+        if (expansion not in names or not _is_pointwise(modules[expansion]) or block is None
+                or any(_block_index(name) != block for name in names)
+                or not all(_is_pointwise(modules[g]) and modules[g].out_channels == channels for g in gates)):
+            log.debug("not pruning channel group %s (no 1x1 expansion conv inside one block)", sorted(names))
+            continue
+        groups.append(PruneGroup(block, expansion, depthwise[0], tuple(gates), channels))
+    return sorted(groups, key=lambda group: group.block_index)
+
+
+def aligned_keep(channels: int, sparsity: float, align: int) -> int:
+    """Channels kept: NNI's ratio rule (``channels - int(channels * sparsity)``) rounded to a multiple of ``align``."""
+    kept = channels - int(channels * sparsity)
+    return min(channels, max(align, align * math.floor(kept / align + 0.5)))
+
+
+def _layer_shapes(model: nn.Module) -> dict[str, dict]:
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            shapes[name] = {"type": "Conv2d", "in_channels": module.in_channels,
+                            "out_channels": module.out_channels, "groups": module.groups}
+        elif isinstance(module, nn.BatchNorm2d):
+            shapes[name] = {"type": "BatchNorm2d", "num_features": module.num_features}
+        elif isinstance(module, nn.Linear):
+            shapes[name] = {"type": "Linear", "in_features": module.in_features, "out_features": module.out_features}
+    return shapes
+
+
+def _check_args(model, img_size, sparsity, method, align, sparsity_per_block, groups, training_batches) -> dict[int, float]:
+    if method not in METHODS:
+        raise ConfigError(f"pruning method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ConfigError(f"align {align!r} is invalid; use a positive integer such as 8 or 16")
+    if method == "taylor" and training_batches is None:
+        raise ConfigError("method 'taylor' needs training_batches (labelled (x, y) batches); pass them or use l1")
+    per_block = {}
+    prunable = sorted({group.block_index for group in groups})
+    for key, value in (sparsity_per_block or {}).items():
+        block = int(key) if str(key).lstrip("-").isdigit() else None
+        if block not in prunable:
+            raise ConfigError(f"sparsity_per_block names block {key!r}, which has no prunable expansion conv; "
+                              f"prunable blocks: {prunable}")
+        per_block[block] = value
+    for value in (sparsity, *per_block.values()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ConfigError(f"sparsity {value!r} is invalid; use a fraction in [0, 1), e.g. 0.5")
+    return per_block
+
+
+def prune_model(
+    model: EdgeClassifier,
+    img_size: int,
+    sparsity: float,
+    method: str = "l1",
+    align: int = 8,
+    sparsity_per_block: Mapping[int | str, float] | None = None,
+    calibration_batches: Iterable | None = None,
+    training_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[EdgeClassifier, dict]:
+    """A physically smaller copy of ``model`` and its shape spec; ``model`` is not changed.
+
+    ``sparsity`` is the share of each expansion conv's channels removed (``sparsity_per_block``
+    overrides it per trunk block index). ``calibration_batches`` (images, or (images, labels))
+    moment-match BatchNorm statistics to the parent; ``training_batches`` feed the taylor method.
+    The spec holds, for every conv/bn/linear whose shape changed, its new channel counts.
+    """
+    pruned = copy.deepcopy(model).eval()
+    groups = find_prune_groups(pruned, img_size)
+    per_block = _check_args(model, img_size, sparsity, method, align, sparsity_per_block, groups, training_batches)
+    plan = {}
+    for group in groups:
+        keep = aligned_keep(group.channels, per_block.get(group.block_index, sparsity), align)
+        if keep < group.channels:
+            plan[group] = keep
+    before = _layer_shapes(pruned)
+    if plan:
+        requires_grad = {name: param.requires_grad for name, param in pruned.named_parameters()}
+        masks = _expansion_masks(pruned, plan, method, training_batches)
+        _add_tied_masks(pruned, masks, plan)
+        nni_compat.speedup(pruned, torch.rand(1, 3, img_size, img_size), masks)
+        _check_pruned(pruned, plan, before)
+        for name, param in pruned.named_parameters():
+            param.requires_grad_(requires_grad[name])
+        if calibration_batches is not None:
+            match_batchnorm_statistics(pruned, model, _calibration_images(calibration_batches), _kept_channels(masks, plan))
+    after = _layer_shapes(pruned)
+    spec = {
+        "format": SPEC_FORMAT, "method": method, "sparsity": sparsity, "align": align,
+        "sparsity_per_block": {str(block): value for block, value in sorted(per_block.items())},
+        "layers": {name: shape for name, shape in after.items() if shape != before[name]},
+    }
+    log.info("pruned %d of %d expansion groups; %d layers changed shape", len(plan), len(groups), len(spec["layers"]))
+    return pruned, spec
+
+
+def _expansion_masks(model: nn.Module, plan: dict[PruneGroup, int], method: str, training_batches) -> dict:
+    # the ratio is chosen so that NNI's int(channels * ratio) removes exactly channels - keep
+    config_list = [{"op_names": [group.expansion], "sparse_ratio": (group.channels - keep + 0.5) / group.channels}
+                   for group, keep in plan.items()]
+    if method != "taylor":
+        return nni_compat.norm_pruner_masks(method, model, config_list)
+    batches = [(x.float(), y.long()) for x, y in training_batches]
+    if not batches:
+        raise ConfigError("training_batches yielded no batch; the taylor method needs at least one labelled batch")
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(True)  # a fine-tuned trunk is frozen; Taylor importance needs its gradients
+    try:
+        return nni_compat.taylor_pruner_masks(model, config_list, batches, F.cross_entropy)
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def _kept_channels(masks: dict, plan: dict[PruneGroup, int]) -> dict[int, torch.Tensor]:
+    return {group.block_index: masks[group.expansion]["weight"].flatten(1).any(1).nonzero().flatten() for group in plan}
+
+
+def _add_tied_masks(model: nn.Module, masks: dict, plan: dict[PruneGroup, int]) -> None:
+    for group, keep in plan.items():
+        kept = masks[group.expansion]["weight"].flatten(1).any(1)
+        if int(kept.sum()) != keep:
+            raise RuntimeError(f"NNI kept {int(kept.sum())} of {group.channels} channels of {group.expansion}, expected {keep}")
+        for name in (group.depthwise, *group.gates):
+            module = model.get_submodule(name)
+            weight = torch.zeros_like(module.weight)
+            weight[kept] = 1.0
+            masks[name] = {"weight": weight}
+            if module.bias is not None:
+                masks[name]["bias"] = kept.float()
+
+
+def _check_pruned(model: nn.Module, plan: dict[PruneGroup, int], before: dict[str, dict]) -> None:
+    """Output widths change exactly where planned (NNI also drops channels it finds constant)."""
+    planned = {name: keep for group, keep in plan.items() for name in (group.expansion, group.depthwise, *group.gates)}
+    for name, shape in _layer_shapes(model).items():
+        if shape["type"] == "BatchNorm2d":
+            continue
+        key = "out_channels" if shape["type"] == "Conv2d" else "out_features"
+        expected = planned.get(name, before[name][key])
+        if shape[key] != expected:
+            raise RuntimeError(f"ModelSpeedup left {name} with {shape[key]} output channels, expected {expected}")
+
+
+def _calibration_images(batches: Iterable) -> torch.Tensor:
+    images, count = [], 0
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        images.append(x.float()[: MAX_CALIBRATION_IMAGES - count])
+        count += len(images[-1])
+        if count >= MAX_CALIBRATION_IMAGES:
+            break
+    if not count:
+        raise ConfigError("calibration_batches yielded no image; pass at least one batch of training images")
+    return torch.cat(images)
+
+
+def match_batchnorm_statistics(pruned: nn.Module, parent: nn.Module, images: torch.Tensor,
+                               kept: Mapping[int, torch.Tensor]) -> None:
+    """Set ``pruned``'s BatchNorm running statistics so each BN's output moments on ``images`` equal ``parent``'s.
+
+    A narrowed BN (inside a pruned block) is matched to the parent's channels ``kept[block]``.
+    One forward pass each: the pruned pass corrects each BN before it runs, so later layers see
+    corrected inputs. Channels whose input is constant keep a mean-only shift.
+    """
+    parent_bns = {name: m for name, m in parent.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.transpose(0, 1).flatten(1).double()
+        return x.mean(1), x.std(1, correction=0)
+
+    def record(name):
+        return lambda module, args: moments.__setitem__(name, _moments(args[0]))
+
+    def correct(name, parent_bn):
+        def hook(module, args):
+            mean_new, std_new = _moments(args[0])
+            mean_old, std_old = moments[name]
+            mu, var = parent_bn.running_mean.double(), parent_bn.running_var.double()
+            if module.num_features != parent_bn.num_features:
+                index = kept[_block_index(name)]
+                mean_old, std_old, mu, var = mean_old[index], std_old[index], mu[index], var[index]
+            sigma = (var + module.eps).sqrt()
+            scalable = (std_old > 1e-6) & (std_new > 1e-6)
+            sigma_new = torch.where(scalable, sigma * std_new / std_old.clamp_min(1e-6), sigma)
+            mu_new = torch.where(scalable, mean_new - sigma_new * (mean_old - mu) / sigma, mu + mean_new - mean_old)
+            module.running_mean.copy_(mu_new.to(module.running_mean.dtype))
+            module.running_var.copy_((sigma_new.square() - module.eps).clamp_min(1e-12).to(module.running_var.dtype))
+        return hook
+
+    handles = [bn.register_forward_pre_hook(record(name)) for name, bn in parent_bns.items()]
+    handles += [m.register_forward_pre_hook(correct(name, parent_bns[name]))
+                for name, m in pruned.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            parent.eval()(images)
+            pruned.eval()(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def apply_shape_spec(model: EdgeClassifier, spec: Mapping) -> EdgeClassifier:
+    """Resize ``model``'s layers (in place) to the spec's channel counts, ready for a strict state-dict load.
+
+    ``model`` is a freshly built, unpruned backbone of the same name and input size as the one
+    that was pruned. New layers are initialised, not copied: load the pruned weights next.
+    """
+    if not isinstance(spec, Mapping) or spec.get("format") != SPEC_FORMAT or not isinstance(spec.get("layers"), Mapping):
+        raise ArtifactError(f"shape spec is not in format {SPEC_FORMAT!r}; re-run pruning to write shape.json")
+    for name, shape in spec["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"shape spec names layer {name!r}, which the model does not have; "
+                                "rebuild the backbone the spec was made for") from None
+        if not isinstance(shape, Mapping) or type(old).__name__ != shape.get("type"):
+            raise ArtifactError(f"shape spec entry {name!r} is {shape!r}, but the layer is {type(old).__name__}; "
+                                "rebuild the backbone the spec was made for")
+        try:
+            new = _resized(old, shape)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ArtifactError(f"shape spec entry {name!r} ({shape!r}) is invalid: {err}; re-run pruning") from err
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    return model.eval()
+
+
+def _resized(old: nn.Module, shape: Mapping) -> nn.Module:
+    for key, value in shape.items():
+        if key != "type" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be a positive integer")
+    if isinstance(old, nn.Conv2d):
+        return nn.Conv2d(shape["in_channels"], shape["out_channels"], old.kernel_size, old.stride, old.padding,
+                         old.dilation, shape["groups"], old.bias is not None, old.padding_mode)
+    if isinstance(old, nn.BatchNorm2d):
+        return nn.BatchNorm2d(shape["num_features"], old.eps, old.momentum, old.affine, old.track_running_stats)
+    return nn.Linear(shape["in_features"], shape["out_features"], old.bias is not None)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(param.numel() for param in model.parameters())
+
+
+def count_macs(model: nn.Module, img_size: int) -> int:
+    """Multiply-accumulates of Conv2d and Linear layers for one image (groups-aware; BN and activations not counted)."""
+    total = 0
+
+    def hook(module, args, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+        else:
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, img_size, img_size))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def ort_latency_ms(model: nn.Module, img_size: int, runs: int = 50, warmup: int = 10, threads: int = 1) -> float:
+    """Median ONNX Runtime CPU latency (ms) of one batch-1 inference, after ``warmup`` runs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    training = model.training
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        try:
+            torch.onnx.export(model.eval(), (torch.zeros(1, 3, img_size, img_size),), str(path), dynamo=False,
+                              input_names=["input"], output_names=["logits"], opset_version=17)
+        finally:
+            model.train(training)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"input": np.random.default_rng(0).random((1, 3, img_size, img_size), dtype=np.float32)}
+    for _ in range(warmup):
+        session.run(None, feed)
+    timings = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        timings.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(timings)
