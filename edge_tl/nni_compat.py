@@ -134,3 +134,91 @@ def speedup(model: nn.Module, dummy_input: torch.Tensor, masks: dict) -> nn.Modu
         ModelSpeedup(model, dummy_input, masks, graph_module=graph_module, logger=speedup_log).speedup_model()
     return model
 
+
+# =================================================================================================
+# Quantization helpers (used by edge_tl.quantize, which imports NNI's PtqQuantizer/QATQuantizer
+# itself, after this module has imported NNI with the warnings above filtered). Everything below
+# works on a quantizer's wrappers and target spaces, which NNI 3.0 exposes only as private
+# attributes (``_module_wrappers``, ``_target_spaces``, ``ModuleWrapper._track_funcs``).
+# =================================================================================================
+
+
+def traced_optimizer(optimizer_cls: type, params, **kwargs) -> torch.optim.Optimizer:
+    """An ``nni.trace``d optimizer: TorchEvaluator asserts traceable optimizers even for PTQ,
+    which never steps one, and rebuilds it for the wrapped model from the recorded arguments."""
+    return nni.trace(optimizer_cls)(params, **kwargs)
+
+
+def quantization_targets(quantizer) -> Iterator[tuple[str, str, object]]:
+    """(module name, NNI target name, target space) for every quantized tensor of ``quantizer``."""
+    for module_name, spaces in quantizer._target_spaces.items():
+        for target_name, space in spaces.items():
+            yield module_name, target_name, space
+
+
+def add_track_callback(quantizer, callback: Callable[[str, str, torch.Tensor], None]) -> Callable[[], None]:
+    """Call ``callback(module_name, target_name, tensor)`` for every quantized tensor NNI tracks.
+
+    The callback sees exactly the tensors NNI's own min/max tracking sees (module inputs/outputs
+    before fake quantization, and weights). Returns a function that unregisters it: NNI has no API
+    for removing a track function.
+    """
+    def track(wrapper, target_name: str, target) -> None:
+        if target_name in wrapper.quantization_target_spaces and isinstance(target, torch.Tensor):
+            callback(wrapper.name, target_name, target.detach())
+
+    wrappers = [quantizer._module_wrappers[name] for name in quantizer._target_spaces]
+    for wrapper in wrappers:
+        wrapper.register_track_func(track)
+
+    def remove() -> None:
+        for wrapper in wrappers:
+            if track in wrapper._track_funcs:
+                wrapper._track_funcs.remove(track)
+
+    return remove
+
+
+def stop_ptq_tracking(quantizer) -> None:
+    """Stop PtqQuantizer's min/max tracking after calibration.
+
+    NNI 3.0 leaves ``track_min_max_val`` registered after ``compress()``, so every later forward
+    pass (e.g. evaluating the fake-quantized model on validation images) would keep widening the
+    tracked ranges, and spend an amin/amax per tensor doing so.
+    """
+    for name in quantizer._target_spaces:
+        funcs = quantizer._module_wrappers[name]._track_funcs
+        funcs[:] = [f for f in funcs if getattr(f, "__func__", None) is not type(quantizer).track_min_max_val]
+
+
+def set_quantization_params(space, scale, zero_point, tracked_min=None, tracked_max=None) -> None:
+    """Write scale/zero point (and optionally the tracked range) into an NNI target space.
+
+    Values are per-tensor scalars or per-output-channel sequences; they are shaped as NNI keeps
+    them (0-d for per-tensor, ``(C, 1, ...)`` for a weight with ``granularity='out_channel'``) and
+    stored as float32 on the module's device. NNI's own formulas differ from calibrate/FORMAT.md
+    at the edges (scale floor ``eps`` instead of ``1/255``, no float32 rounding step), so
+    edge-tl computes the numbers and NNI only applies them.
+    """
+    wrapper = space._wrapper
+    device = next(iter(wrapper.parameters()), torch.zeros(0)).device
+
+    def shaped(values) -> torch.Tensor:
+        tensor = torch.as_tensor(values, dtype=torch.float32, device=device)
+        if tensor.dim() == 0:
+            return tensor
+        target = space.target  # weights: the parameter the channels belong to
+        return tensor.reshape([tensor.numel()] + [1] * (target.dim() - 1))
+
+    if tracked_min is not None:
+        space.tracked_min, space.tracked_max = shaped(tracked_min), shaped(tracked_max)
+    space.scale, space.zero_point = shaped(scale), shaped(zero_point)
+
+
+@contextlib.contextmanager
+def quiet_qat_backward() -> Iterator[None]:
+    """NNI 3.0's QATClampRound.backward reads ``ctx.saved_variables``, which torch deprecates with a
+    DeprecationWarning on every backward pass; silence exactly that one while QAT trains."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"'saved_variables' is deprecated", category=DeprecationWarning)
+        yield

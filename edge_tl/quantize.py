@@ -1,0 +1,412 @@
+"""INT8 quantization of a run's float or pruned model with NNI 3.0: PTQ ranges, optional QAT.
+
+``quantize(run_dir, cfg)`` folds BatchNorm into the convolutions (:func:`edge_tl.fold.fold_batchnorm`)
+and quantizes every Conv2d and Linear of the folded model:
+
+- weights per output channel, symmetric int8 (``scale = absmax / 127``);
+- the module input per tensor, asymmetric uint8 over the calibrated range widened to include 0;
+- the module output too, unless it reaches exactly one quantized Conv2d/Linear through nothing but
+  Identity (a folded BatchNorm) and at most one ReLU/ReLU6. There the consumer's ``:input`` range
+  is the one a Q/DQ graph needs after the activation (ONNX Runtime drops a Relu/Clip into the
+  quantization that follows it). Outputs that feed a residual addition, pooling, another
+  activation or the model output are recorded and fake-quantized as ``<module>:output``.
+
+PTQ runs NNI's PtqQuantizer over class-balanced calibration images from the training split only.
+``minmax`` takes NNI's tracked ranges; ``percentile`` and ``entropy`` feed the same tensors to
+:class:`calibrate.ranges.RangeObserver`. The numbers follow calibrate/FORMAT.md and are written
+back into NNI's target spaces, so the fake-quantized model is exactly what calibration.json says.
+QAT continues with NNI's QATQuantizer from those ranges (activation ranges then follow NNI's
+moving average) and keeps the epoch with the best validation balanced accuracy (PTQ included).
+
+Output in ``RUN_DIR/quantized/<stage>/`` (one layout for ptq and qat; the latest run wins):
+``calibration.json``, for qat ``model.safetensors`` (the QAT-tuned state dict of the folded model,
+which the INT8 export must use instead of the stage's weights), and ``metrics.json`` last.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from calibrate.calibration_file import Calibration, CalibrationTensor, read_calibration, write_calibration
+from calibrate.ranges import DEFAULT_PERCENTILE, RangeObserver, check_range_method
+from calibrate.sources import ClassBalancedSource, iter_batches
+from edge_tl import data as data_mod
+from edge_tl import nni_compat
+from edge_tl.artifacts import atomic_write_json, load_weights, read_json, save_weights, sha256_file
+from edge_tl.errors import ArtifactError, ConfigError
+from edge_tl.finetune import load_checkpoint, run_records
+from edge_tl.fold import fold_batchnorm
+from edge_tl.metrics import classification_metrics
+
+from nni.compression.quantization import PtqQuantizer, QATQuantizer  # after nni_compat: NNI import warnings
+
+log = logging.getLogger(__name__)
+
+STAGES = ("float", "pruned")
+MODES = ("ptq", "qat")
+INPUT_NAME = "input"
+QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
+ABSORBED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+_NNI_TARGETS = {"input": "_input_0", "weight": "weight", "output": "_output_0"}
+_ROLES = {target: role for role, target in _NNI_TARGETS.items()}
+_ACTIVATION_SETTING = {"quant_dtype": "uint8", "quant_scheme": "affine"}
+_WEIGHT_SETTING = {"quant_dtype": "int8", "quant_scheme": "symmetric", "granularity": "out_channel"}
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Settings of one quantize run. ``percentile`` applies to ``method='percentile'`` only."""
+
+    stage: str = "float"
+    mode: str = "ptq"
+    calib_images: int = 256
+    method: str = "minmax"
+    qat_epochs: int = 3
+    qat_lr: float = 1e-4
+    batch_size: int = 16
+    seed: int = 0
+    percentile: float = DEFAULT_PERCENTILE
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    calibration_path: Path
+    metrics: dict
+    model_path: Path | None = None  # QAT-tuned folded weights (mode qat only)
+
+
+def validate_config(cfg: QuantizeConfig) -> None:
+    """Every check on the settings, before any work."""
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"--stage {cfg.stage!r} is not one of {', '.join(STAGES)}")
+    if cfg.mode not in MODES:
+        raise ConfigError(f"--mode {cfg.mode!r} is not one of {', '.join(MODES)}")
+    check_range_method(cfg.method, cfg.percentile)
+    for name, value in (("--calib-images", cfg.calib_images), ("batch size", cfg.batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} {value!r} must be an integer >= 1, e.g. 256 calibration images")
+    if cfg.mode == "qat":
+        if isinstance(cfg.qat_epochs, bool) or not isinstance(cfg.qat_epochs, int) or cfg.qat_epochs < 1:
+            raise ConfigError(f"QAT epochs {cfg.qat_epochs!r} must be an integer >= 1, e.g. 3")
+        if not 0.0 < cfg.qat_lr < 1.0:
+            raise ConfigError(f"QAT learning rate {cfg.qat_lr!r} must lie in (0, 1), e.g. 1e-4")
+
+
+def quantized_dir(run_dir: str | Path, stage: str) -> Path:
+    return Path(run_dir) / "quantized" / stage
+
+
+def load_stage_model(run_dir: str | Path, stage: str) -> tuple[nn.Module, dict]:
+    """The float model of ``stage`` (``float``: the fine-tuned checkpoint; ``pruned``: RUN_DIR/pruned)."""
+    run_dir = Path(run_dir)
+    if stage == "float":
+        return load_checkpoint(run_dir)
+    if not (run_dir / "pruned").is_dir():
+        raise ArtifactError(f"{run_dir / 'pruned'} does not exist; run `edge-tl prune {run_dir}` first")
+    from edge_tl.prune import load_pruned
+
+    return load_pruned(run_dir)
+
+
+def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [user for user in node.users if not (user.op == "call_function" and user.target is getattr)]
+
+
+def _output_absorbed(node: torch.fx.Node, model: nn.Module) -> bool:
+    """True when ``node``'s output reaches one quantized module through Identity and <= 1 ReLU/ReLU6."""
+    activations = 0
+    while True:
+        users = _value_users(node)
+        if len(users) != 1 or users[0].op != "call_module":
+            return False
+        node = users[0]
+        module = model.get_submodule(str(node.target))
+        if isinstance(module, QUANTIZED_TYPES):
+            return True
+        if isinstance(module, ABSORBED_ACTIVATIONS):
+            activations += 1
+        elif not isinstance(module, nn.Identity):
+            return False
+        if activations > 1:
+            return False
+
+
+def quantization_plan(folded: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Module name -> quantized roles (``input``, ``weight`` and maybe ``output``), in graph order."""
+    graph = torch.fx.symbolic_trace(folded).graph
+    plan = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(folded.get_submodule(str(node.target)), QUANTIZED_TYPES):
+            if str(node.target) in plan:
+                raise ConfigError(f"module {node.target} is called more than once; edge-tl cannot quantize shared layers")
+            roles = ("input", "weight") if _output_absorbed(node, folded) else ("input", "weight", "output")
+            plan[str(node.target)] = roles
+    return plan
+
+
+def nni_config_list(plan: dict[str, tuple[str, ...]]) -> list[dict]:
+    """NNI 3.0 config_list: uint8 affine per-tensor activations, int8 symmetric per-channel weights."""
+    by_roles: dict[tuple[str, ...], list[str]] = {}
+    for name, roles in plan.items():
+        by_roles.setdefault(roles, []).append(name)
+    configs = []
+    for roles, names in by_roles.items():
+        settings = {_NNI_TARGETS[role]: dict(_WEIGHT_SETTING if role == "weight" else _ACTIVATION_SETTING) for role in roles}
+        # NNI's schema requires a top-level quant_dtype; target_settings override it per target.
+        configs.append({"op_names": names, "target_names": list(settings), "target_settings": settings,
+                        "quant_dtype": "int8"})
+    return configs
+
+
+def _images_tensor(records, img_size: int, mean, std, rng: np.random.Generator | None = None) -> torch.Tensor:
+    return torch.from_numpy(data_mod.load_tensor_batch(records, img_size, mean, std, rng))
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(chunk) for chunk in torch.split(images, batch_size)]).float().numpy()
+
+
+def _calibrate(folded: nn.Module, plan, source: ClassBalancedSource, cfg: QuantizeConfig) -> tuple[PtqQuantizer, list[CalibrationTensor]]:
+    """NNI PTQ over the calibration source; returns the (fake-quantizing) quantizer and the tensors."""
+    num_batches = -(-len(source) // source.batch_size)
+
+    def calibration_pass(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+        model.eval()
+        with torch.no_grad():
+            for index, batch in enumerate(iter_batches(source)):
+                if max_steps is not None and index >= max_steps:
+                    break
+                model(torch.from_numpy(batch))
+
+    optimizer = nni_compat.traced_optimizer(torch.optim.SGD, folded.parameters(), lr=0.0)  # never steps
+    evaluator = nni_compat.TorchEvaluator(calibration_pass, optimizer, lambda batch, model: None,
+                                          evaluating_func=lambda model: None)
+    with nni_compat.quiet_nni():
+        quantizer = PtqQuantizer(folded, nni_config_list(plan), evaluator)
+    observers: dict[tuple[str, str], RangeObserver] = {}
+
+    def observe(module_name: str, target_name: str, tensor: torch.Tensor) -> None:
+        if target_name != "weight":
+            observers.setdefault((module_name, target_name), RangeObserver()).update(tensor.float().cpu().numpy())
+
+    remove = nni_compat.add_track_callback(quantizer, observe) if cfg.method != "minmax" else (lambda: None)
+    try:
+        with nni_compat.quiet_nni():
+            quantizer.compress(max_steps=num_batches, max_epochs=1)
+    finally:
+        remove()
+    nni_compat.stop_ptq_tracking(quantizer)
+    tensors = []
+    for module_name, target_name, space in nni_compat.quantization_targets(quantizer):
+        role = _ROLES[target_name]
+        if role == "weight":
+            tensors.append(CalibrationTensor.weight(module_name, space.target.detach().cpu().numpy()))
+            continue
+        if cfg.method == "minmax":
+            low, high = float(space.tracked_min), float(space.tracked_max)
+            extra = {}
+        else:
+            observer = observers[(module_name, target_name)]
+            low, high = observer.compute(cfg.method, cfg.percentile)
+            extra = {"observed_min": observer.min_value, "observed_max": observer.max_value}
+        tensors.append(CalibrationTensor.activation(module_name, role, low, high, **extra))
+    apply_calibration(quantizer, tensors)
+    return quantizer, _in_plan_order(tensors, plan)
+
+
+def _in_plan_order(tensors: list[CalibrationTensor], plan) -> list[CalibrationTensor]:
+    order = {(name, role): index for index, (name, roles) in enumerate(plan.items()) for role in roles}
+    rank = {"input": 0, "weight": 1, "output": 2}
+    return sorted(tensors, key=lambda t: (order[(t.module, t.role)], rank[t.role]))
+
+
+def apply_calibration(quantizer, tensors: list[CalibrationTensor], with_ranges: bool = False) -> None:
+    """Write calibration scales/zero points (and, with ``with_ranges``, min/max) into NNI's target spaces."""
+    by_key = {(t.module, _NNI_TARGETS[t.role]): t for t in tensors}
+    for module_name, target_name, space in nni_compat.quantization_targets(quantizer):
+        tensor = by_key[(module_name, target_name)]
+        ranges = (tensor.min, tensor.max) if with_ranges else (None, None)
+        nni_compat.set_quantization_params(space, tensor.scale, tensor.zero_point, *ranges)
+
+
+class _QatLoop:
+    """NNI training function for QAT: augmented training epochs, keep the best validation epoch."""
+
+    def __init__(self, train_images: list, train_labels: np.ndarray, val_images: torch.Tensor,
+                 val_labels: np.ndarray, run_info: dict, cfg: QuantizeConfig, start_balanced_accuracy: float):
+        self.train_images, self.val_images, self.val_labels = train_images, val_images, val_labels
+        self.targets = torch.from_numpy(train_labels)
+        self.loss_weights = torch.from_numpy(data_mod.class_weights(train_labels, len(run_info["classes"])))
+        self.run_info, self.cfg = run_info, cfg
+        self.history = [{"epoch": 0, "val_balanced_accuracy": start_balanced_accuracy}]
+        self.best = (start_balanced_accuracy, 0)
+        self.best_state: dict | None = None
+
+    def training_step(self, batch, model):
+        images, labels = batch
+        return F.cross_entropy(model(images), labels, weight=self.loss_weights)
+
+    def _balanced_accuracy(self, model: nn.Module) -> float:
+        predictions = _predict(model, self.val_images).argmax(1)
+        return classification_metrics(self.val_labels, predictions, self.run_info["classes"])["balanced_accuracy"]
+
+    def __call__(self, model, optimizer, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+        rng = np.random.default_rng(self.cfg.seed)
+        self.best_state = copy.deepcopy(model.state_dict())
+        stale = 0
+        for epoch in range(1, (max_epochs or self.cfg.qat_epochs) + 1):
+            model.train()
+            for module in model.modules():  # folded or neutralised BN must never use batch statistics
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+            for index in np.array_split(rng.permutation(len(self.train_images)),
+                                        max(1, -(-len(self.train_images) // self.cfg.batch_size))):
+                batch = np.stack([data_mod.normalize(data_mod.augment(self.train_images[i], rng),
+                                                     self.run_info["mean"], self.run_info["std"]) for i in index])
+                loss = training_step((torch.from_numpy(batch), self.targets[index]), model)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            balanced = self._balanced_accuracy(model)
+            self.history.append({"epoch": epoch, "val_balanced_accuracy": balanced})
+            log.info("QAT epoch %d: validation balanced accuracy %.4f", epoch, balanced)
+            if balanced > self.best[0]:
+                self.best, stale = (balanced, epoch), 0
+                self.best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if stale >= 2:
+                    log.info("QAT early stop after epoch %d (best epoch %d)", epoch, self.best[1])
+                    break
+        model.load_state_dict(self.best_state)
+        model.eval()
+
+
+def _qat(folded: nn.Module, plan, ptq_tensors, run_info: dict, val_images, val_labels, ptq_balanced: float,
+         cfg: QuantizeConfig) -> tuple[list[CalibrationTensor], list[dict]]:
+    """NNI QAT from the PTQ ranges; ``folded`` ends unwrapped with the tuned weights."""
+    train = run_records(run_info, "train")
+    size = run_info["img_size"]
+    train_images = [data_mod.resize_image(data_mod.load_image(r.path), size) for r in train]
+    loop = _QatLoop(train_images, np.array([r.label for r in train]), val_images, val_labels, run_info, cfg,
+                    ptq_balanced)
+    torch.manual_seed(cfg.seed)
+    optimizer = nni_compat.traced_optimizer(torch.optim.Adam, folded.parameters(), lr=cfg.qat_lr)
+    evaluator = nni_compat.TorchEvaluator(loop, optimizer, loop.training_step)
+    # A fresh QATQuantizer seeded with the PTQ numbers: QATQuantizer.from_compressor(ptq) keeps the
+    # PTQ wrappers, so NNI drops every already-configured target from the new quantizer.
+    with nni_compat.quiet_nni():
+        quantizer = QATQuantizer(folded, nni_config_list(plan), evaluator)
+    apply_calibration(quantizer, ptq_tensors, with_ranges=True)
+    with nni_compat.quiet_nni(), nni_compat.quiet_qat_backward():
+        quantizer.compress(max_steps=None, max_epochs=cfg.qat_epochs)
+    tensors = []
+    for module_name, target_name, space in nni_compat.quantization_targets(quantizer):
+        role = _ROLES[target_name]
+        if role == "weight":
+            tensors.append(CalibrationTensor.weight(module_name, space.target.detach().cpu().numpy()))
+        else:
+            tensors.append(CalibrationTensor.activation(module_name, role, float(space.tracked_min),
+                                                        float(space.tracked_max)))
+    apply_calibration(quantizer, tensors)
+    return quantizer, _in_plan_order(tensors, plan), loop.history
+
+
+def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> QuantizeResult:
+    """PTQ (and QAT) of the run's ``cfg.stage`` model; writes RUN_DIR/quantized/<stage>/."""
+    validate_config(cfg)
+    run_dir = Path(run_dir)
+    model, run_info = load_stage_model(run_dir, cfg.stage)
+    size, mean, std, classes = run_info["img_size"], run_info["mean"], run_info["std"], run_info["classes"]
+    val = run_records(run_info, "val")
+    source = ClassBalancedSource(run_records(run_info, "train"), cfg.calib_images, size, mean, std,
+                                 batch_size=cfg.batch_size, seed=cfg.seed, input_name=INPUT_NAME)
+    val_images, val_labels = _images_tensor(val, size, mean, std), np.array([r.label for r in val])
+    ok_class = run_info.get("ok_class")
+    float_metrics = classification_metrics(val_labels, _predict(model, val_images).argmax(1), classes, ok_class)
+
+    folded = fold_batchnorm(model)
+    plan = quantization_plan(folded)
+    torch.manual_seed(cfg.seed)
+    quantizer, tensors = _calibrate(folded, plan, source, cfg)
+    logits = _predict(folded, val_images)
+    ptq_metrics = classification_metrics(val_labels, logits.argmax(1), classes, ok_class)
+    history = None
+    if cfg.mode == "qat":
+        quantizer.unwrap_model()
+        quantizer, tensors, history = _qat(folded, plan, tensors, run_info, val_images, val_labels,
+                                           ptq_metrics["balanced_accuracy"], cfg)
+        logits = _predict(folded, val_images)
+    metrics = classification_metrics(val_labels, logits.argmax(1), classes, ok_class)
+    quantizer.unwrap_model()
+
+    out = quantized_dir(run_dir, cfg.stage)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # the manifest goes first and comes back last
+    weights_path = out / "model.safetensors"
+    if cfg.mode == "qat":
+        save_weights(weights_path, folded.state_dict(), {"stage": cfg.stage, "mode": "qat", "folded": "batchnorm"})
+    else:
+        weights_path.unlink(missing_ok=True)  # stale QAT weights would not match the new ranges
+    calibration = Calibration(
+        model={"stage": cfg.stage, "img_size": size, "input_name": INPUT_NAME, "backbone": run_info["backbone"],
+               "mode": cfg.mode},
+        method=cfg.method, calibration_files_hash=source.file_list_hash(root=run_info["data_dir"]),
+        tensors=tuple(tensors),
+    )
+    write_calibration(out / "calibration.json", calibration)
+    metrics.update({
+        "stage": cfg.stage, "mode": cfg.mode, "method": cfg.method, "calib_images": len(source),
+        "float_balanced_accuracy": float_metrics["balanced_accuracy"],
+        "balanced_accuracy_delta": 100.0 * (metrics["balanced_accuracy"] - float_metrics["balanced_accuracy"]),
+        "ptq_balanced_accuracy": ptq_metrics["balanced_accuracy"],
+        "calibration_files_hash": calibration.calibration_files_hash,
+        "calibration_files": [_relative(path, run_info["data_dir"]) for path in source.paths],
+        "files": {"calibration.json": sha256_file(out / "calibration.json")},
+    })
+    if cfg.method == "percentile":
+        metrics["percentile"] = cfg.percentile
+    if history is not None:
+        metrics["qat_history"] = history
+        metrics["files"]["model.safetensors"] = sha256_file(weights_path)
+    atomic_write_json(out / "metrics.json", metrics)
+    log.info("%s %s: balanced accuracy %.4f (float %.4f, delta %+.2f points)", cfg.stage, cfg.mode,
+             metrics["balanced_accuracy"], float_metrics["balanced_accuracy"], metrics["balanced_accuracy_delta"])
+    return QuantizeResult(out / "calibration.json", metrics, weights_path if cfg.mode == "qat" else None)
+
+
+def _relative(path: Path, root: str) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def load_quantized_model(run_dir: str | Path, stage: str = "float") -> tuple[nn.Module, dict, Calibration]:
+    """(folded float model, run_info, calibration) of RUN_DIR/quantized/<stage> for the INT8 export.
+
+    The model is the stage's model with BatchNorm folded, carrying the QAT-tuned weights when the
+    latest quantize run was ``--mode qat``; calibration.json's module names refer to it.
+    """
+    if stage not in STAGES:
+        raise ConfigError(f"--stage {stage!r} is not one of {', '.join(STAGES)}")
+    out = quantized_dir(run_dir, stage)
+    if not (out / "metrics.json").is_file():
+        raise ArtifactError(f"{out} holds no finished quantize run; run `edge-tl quantize {run_dir} --stage {stage}` first")
+    manifest = read_json(out / "metrics.json")
+    calibration = read_calibration(out / "calibration.json")
+    model, run_info = load_stage_model(run_dir, stage)
+    folded = fold_batchnorm(model)
+    if manifest.get("mode") == "qat":
+        folded.load_state_dict(load_weights(out / "model.safetensors"), strict=True)
+    return folded.eval(), run_info, calibration
