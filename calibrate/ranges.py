@@ -82,12 +82,17 @@ def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
 def entropy_threshold_bins(hist: np.ndarray, num_quantized_bins: int = 128) -> int:
     """TensorRT entropy calibration on a histogram of ``|x|``: the number of leading bins to keep.
 
-    For every candidate ``i``, P is the first ``i`` bins with the outliers added to the last one,
+    The first bin (``|x|`` near 0) is set to the second's count before the search. For every
+    candidate ``i``, P is the first ``i`` bins with the outliers added to the last one,
     Q is those bins merged into ``num_quantized_bins`` levels and spread back evenly over each
     level's non-empty bins; the ``i`` with the smallest KL(P || Q) wins.
     """
-    hist = np.asarray(hist, dtype=np.float64)
+    hist = np.asarray(hist, dtype=np.float64).copy()
     num_bins = hist.size
+    if num_bins > 1:
+        # the zero bin of a ReLU output holds most values; left alone it pulls the threshold far
+        # below the real range (NVIDIA's pytorch-quantization flattens it the same way)
+        hist[0] = hist[1]
     if num_bins <= num_quantized_bins or hist.sum() == 0:
         return num_bins
     best_i, best_kl = num_bins, math.inf

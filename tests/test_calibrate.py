@@ -186,7 +186,7 @@ def test_writer_refuses_an_invalid_calibration(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def surface_dataset(tmp_path_factory):
+def imbalanced_scan(tmp_path_factory):
     from edge_tl.data import scan_image_folder
     from edge_tl.synthetic import make_surface_dataset
 
@@ -196,10 +196,10 @@ def surface_dataset(tmp_path_factory):
     return scan_image_folder(root)
 
 
-def test_class_balanced_source_is_balanced_deterministic_and_preprocessed(surface_dataset, caplog):
+def test_class_balanced_source_is_balanced_deterministic_and_preprocessed(imbalanced_scan, caplog):
     from edge_tl.data import load_image, preprocess
 
-    records = surface_dataset.records
+    records = imbalanced_scan.records
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     with caplog.at_level(logging.WARNING, logger="calibrate.sources"):
         source = ClassBalancedSource(records, 12, 32, mean, std, batch_size=5, seed=7)
@@ -212,7 +212,7 @@ def test_class_balanced_source_is_balanced_deterministic_and_preprocessed(surfac
     assert again.paths == source.paths and again.file_list_hash() == source.file_list_hash()
     other = ClassBalancedSource(records, 12, 32, mean, std, batch_size=5, seed=8)
     assert other.file_list_hash() != source.file_list_hash()
-    assert source.file_list_hash(root=surface_dataset.root) != source.file_list_hash()
+    assert source.file_list_hash(root=imbalanced_scan.root) != source.file_list_hash()
 
     shapes = [batch.shape for batch in iter_batches(source)]
     assert shapes == [(5, 3, 32, 32), (5, 3, 32, 32), (2, 3, 32, 32)]
@@ -223,10 +223,10 @@ def test_class_balanced_source_is_balanced_deterministic_and_preprocessed(surfac
     assert first.dtype == np.float32
 
 
-def test_source_draws_only_from_given_records(surface_dataset):
+def test_source_draws_only_from_given_records(imbalanced_scan):
     from edge_tl.data import split_stratified
 
-    train, val = split_stratified(surface_dataset.records, 0.25, seed=0)
+    train, val = split_stratified(imbalanced_scan.records, 0.25, seed=0)
     source = ClassBalancedSource(train, 1000, 32, (0.5,) * 3, (0.5,) * 3)
     assert set(source.paths) == {record.path for record in train}
     assert not set(source.paths) & {record.path for record in val}
