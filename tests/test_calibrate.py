@@ -291,3 +291,39 @@ def test_tensorrt_calibrator_needs_tensorrt():
     calibrator = make_entropy_calibrator(source, batch_size=2)
     assert calibrator.get_batch_size() == 2
     assert calibrator.get_batch(["input"]) is not None
+
+
+# --- hook-based calibration -------------------------------------------------------------------------
+
+
+def test_collect_calibration_equals_numpy_oracle():
+    import torch
+    from torch import nn
+
+    from calibrate.observe import collect_calibration
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6(), nn.Conv2d(4, 2, 1), nn.Flatten(1), nn.Linear(2 * 6 * 6, 3)).eval()
+    images = np.random.default_rng(6).normal(0, 2, (10, 3, 8, 8)).astype(np.float32)
+    calibration = collect_calibration(model, ArraySource(images, batch_size=4), "minmax",
+                                      model_info={"stage": "float", "img_size": 8}, calibration_files_hash="f" * 64)
+    with torch.no_grad():  # the oracle: every intermediate tensor of all images at once
+        x = torch.from_numpy(images)
+        conv1 = model[0](x)
+        conv2_in = model[1](conv1)
+        conv2 = model[2](conv2_in)
+        head_in = model[3](conv2)
+        logits = model[4](head_in)
+    oracle = {("0", "input"): x, ("0", "output"): conv1, ("2", "input"): conv2_in, ("2", "output"): conv2,
+              ("4", "input"): head_in, ("4", "output"): logits}
+    for (module, role), tensor in oracle.items():
+        entry = calibration.get(module, role)
+        assert (entry.min, entry.max) == (float(tensor.min()), float(tensor.max())), (module, role)
+        assert (entry.scale, entry.zero_point) == asymmetric_uint8(entry.min, entry.max)
+    weight = calibration.get("4", "weight")
+    np.testing.assert_array_equal(weight.scale, per_channel_symmetric_int8_scales(model[4].weight.detach().numpy()))
+    assert calibration.model == {"input_name": "input", "stage": "float", "img_size": 8}
+    assert len(calibration.tensors) == 9  # input, output and weight of three layers
+    percentile = collect_calibration(model, ArraySource(images, batch_size=4), "percentile", percentile=99.0)
+    entry = percentile.get("0", "output")
+    assert entry.max < float(conv1.max()) and entry.extra["observed_max"] == float(conv1.max())
