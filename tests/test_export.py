@@ -95,6 +95,9 @@ def test_fold_batchnorm_matches_original(lite0):
     convs = {name for name, m in lite0.named_modules() if isinstance(m, nn.Conv2d)}
     assert convs == {name for name, m in folded.named_modules() if isinstance(m, nn.Conv2d)}
     assert len(find_conv_bn_pairs(lite0)) == 49
+    assert find_conv_bn_pairs(folded) == []  # folding a folded model (quantize's output) changes nothing
+    with torch.no_grad():
+        assert torch.equal(fold_batchnorm(folded)(x), folded(x))
 
 
 def test_fold_handles_bn_subclasses_and_skips_shared_outputs():
