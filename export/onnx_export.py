@@ -45,7 +45,7 @@ def preprocessing_metadata(
             "img_size": img_size, **extra}
 
 
-def _metadata_props(metadata: Mapping[str, Any], img_size: int, input_name: str, output_name: str) -> dict[str, str]:
+def metadata_props(metadata: Mapping[str, Any], img_size: int, input_name: str, output_name: str) -> dict[str, str]:
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise ConfigError(f"ONNX metadata lacks {', '.join(missing)}; pass mean, std and class_names of the run")
@@ -176,7 +176,7 @@ def export_onnx(
 
     if not isinstance(opset, int) or not 13 <= opset <= 21:
         raise ConfigError(f"opset {opset!r} is not supported; use 13 to 21 (default {DEFAULT_OPSET})")
-    props = _metadata_props(dict(metadata or {}), img_size, input_name, output_name)
+    props = metadata_props(dict(metadata or {}), img_size, input_name, output_name)
     model = model.eval()
     folded = fold_batchnorm(model)
     proto = check_onnx(torch_to_onnx_proto(folded, img_size, opset, dynamic_batch, input_name, output_name))

@@ -37,7 +37,7 @@ from calibrate.ranges import asymmetric_uint8, per_channel_symmetric_int8_scales
 from edge_tl.artifacts import atomic_output_path, sha256_file
 from edge_tl.errors import ArtifactError, ConfigError
 from export.onnx_export import (
-    DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, _metadata_props, check_onnx, ort_session, parity_input,
+    DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, metadata_props, check_onnx, ort_session, parity_input,
     set_metadata, torch_to_onnx_proto,
 )
 from export.onnx_ranges import constant_values, map_nodes_to_modules, tensor_ranges
@@ -307,7 +307,7 @@ def export_qdq_onnx(
 
     if opset < 13:
         raise ConfigError(f"opset {opset} has no per-channel DequantizeLinear; use 13 or later")
-    props = _metadata_props({**dict(metadata or {}), "precision": "int8", "qdq_target": target},
+    props = metadata_props({**dict(metadata or {}), "precision": "int8", "qdq_target": target},
                             img_size, INPUT_NAME, OUTPUT_NAME)
     folded = fold_batchnorm(model.eval())
     proto = torch_to_onnx_proto(folded, img_size, opset, dynamic_batch)
