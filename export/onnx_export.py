@@ -176,7 +176,7 @@ def export_onnx(
 
     if not isinstance(opset, int) or not 13 <= opset <= 21:
         raise ConfigError(f"opset {opset!r} is not supported; use 13 to 21 (default {DEFAULT_OPSET})")
-    props = metadata_props(dict(metadata or {}), img_size, input_name, output_name)
+    props = metadata_props({"precision": "fp32", **dict(metadata or {})}, img_size, input_name, output_name)
     model = model.eval()
     folded = fold_batchnorm(model)
     proto = check_onnx(torch_to_onnx_proto(folded, img_size, opset, dynamic_batch, input_name, output_name))

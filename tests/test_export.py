@@ -145,7 +145,7 @@ def test_fp32_onnx_parity_metadata_and_weights(lite0, tmp_path):
     metadata = read_onnx_metadata(path)
     assert metadata["mean"] == META["mean"] and metadata["std"] == META["std"]
     assert metadata["class_names"] == CLASSES and metadata["ok_class"] == "ok" and metadata["stage"] == "float"
-    assert metadata["input_size"] == [PX, PX] and metadata["channel_order"] == "RGB" and metadata["layout"] == "NCHW"
+    assert metadata["precision"] == "fp32" and metadata["input_size"] == [PX, PX] and metadata["channel_order"] == "RGB" and metadata["layout"] == "NCHW"
     assert all(isinstance(json.loads(p.value), object) for p in onnx.load(str(path)).metadata_props)
     # every Conv/Gemm of the file is found in the folded model by exact weights
     mapping = map_nodes_to_modules(onnx.load(str(path)).graph, fold_batchnorm(lite0))
