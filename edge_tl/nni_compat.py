@@ -129,9 +129,17 @@ def speedup(model: nn.Module, dummy_input: torch.Tensor, masks: dict) -> nn.Modu
     contract, so ModelSpeedup gets that graph. Without an explicit logger ModelSpeedup forces its logger to INFO.
     """
     speedup_log = logging.getLogger(f"{__name__}.speedup")
+    training = model.training
     graph_module = torch.fx.symbolic_trace(model)
-    with quiet_nni():
-        ModelSpeedup(model, dummy_input, masks, graph_module=graph_module, logger=speedup_log).speedup_model()
+    # A new GraphModule is in training mode, and speedup_model() ends with
+    # graph_module.train(graph_module.training), which would put the shared submodules (BatchNorm
+    # included) into training mode: give the graph the model's mode and restore it afterwards.
+    graph_module.train(training)
+    try:
+        with quiet_nni():
+            ModelSpeedup(model, dummy_input, masks, graph_module=graph_module, logger=speedup_log).speedup_model()
+    finally:
+        model.train(training)
     return model
 
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 METHODS = ("l1", "l2", "fpgm", "taylor")
 SPEC_FORMAT = "edge-tl-shape-spec/1"
 MAX_CALIBRATION_IMAGES = 64
+PROBE_IMG_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,9 @@ def prune_model(
     The spec holds, for every conv/bn/linear whose shape changed, its new channel counts.
     """
     pruned = copy.deepcopy(model).eval()
-    groups = find_prune_groups(pruned, img_size)
+    # channel masks do not depend on the spatial size: analyse and speed up at a small probe size
+    probe_size = min(img_size, PROBE_IMG_SIZE)
+    groups = find_prune_groups(pruned, probe_size)
     per_block = _check_args(model, img_size, sparsity, method, align, sparsity_per_block, groups, training_batches)
     plan = {}
     for group in groups:
@@ -165,7 +168,7 @@ def prune_model(
         requires_grad = {name: param.requires_grad for name, param in pruned.named_parameters()}
         masks = _expansion_masks(pruned, plan, method, training_batches)
         _add_tied_masks(pruned, masks, plan)
-        nni_compat.speedup(pruned, torch.rand(1, 3, img_size, img_size), masks)
+        nni_compat.speedup(pruned, torch.rand(1, 3, probe_size, probe_size), masks)
         _check_pruned(pruned, plan, before)
         for name, param in pruned.named_parameters():
             param.requires_grad_(requires_grad[name])
@@ -380,3 +383,169 @@ def ort_latency_ms(model: nn.Module, img_size: int, runs: int = 50, warmup: int 
         session.run(None, feed)
         timings.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(timings)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float = 4.0, alpha: float = 0.7) -> torch.Tensor:
+    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross_entropy(student, labels)``."""
+    kl = F.kl_div(F.log_softmax(student_logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
+                  reduction="batchmean", log_target=True)
+    return alpha * temperature ** 2 * kl + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def _train_with_frozen_batchnorm(model: nn.Module) -> None:
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train_loader_fn: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    val_fn: Callable[[nn.Module], float],
+    epochs: int,
+    lr: float,
+    distill: bool = True,
+    temperature: float = 4.0,
+    alpha: float = 0.7,
+    patience: int = 3,
+    weight_decay: float = 1e-4,
+) -> dict:
+    """Fine-tune the pruned ``student`` (in place) with distillation from ``teacher``; keep the best epoch.
+
+    Every weight trains (AdamW, cosine schedule); BatchNorm layers stay in eval mode with frozen
+    statistics, because factory batches are small and few, and the statistics were already matched
+    to the parent at pruning time. ``val_fn(model)`` returns balanced accuracy; epoch 0 is the
+    pruned model before training, so recovery never returns something worse than it started with.
+    Training stops after ``patience`` epochs without improvement.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ConfigError(f"recovery epochs {epochs!r} is invalid; use an integer >= 0")
+    if not lr > 0 or not temperature > 0 or not 0.0 <= alpha <= 1.0 or patience < 1:
+        raise ConfigError(f"recovery settings lr={lr}, temperature={temperature}, alpha={alpha}, patience={patience} "
+                          "are invalid; use lr > 0, temperature > 0, 0 <= alpha <= 1, patience >= 1")
+    if distill and teacher is None:
+        raise ConfigError("distillation needs the unpruned teacher model; pass it or set distill=False")
+    flags = [(param, param.requires_grad) for param in student.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    best = float(val_fn(student.eval()))
+    best_state, best_epoch, stale = copy.deepcopy(student.state_dict()), 0, 0
+    history = [{"epoch": 0, "train_loss": None, "balanced_accuracy": best, "seconds": 0.0}]
+    try:
+        for epoch in range(1, epochs + 1):
+            start, total, count = time.perf_counter(), 0.0, 0
+            _train_with_frozen_batchnorm(student)
+            for x, y in train_loader_fn():
+                x, y = x.float(), y.long()
+                logits = student(x)
+                if distill:
+                    with torch.no_grad():
+                        teacher_logits = teacher.eval()(x)
+                    loss = distillation_loss(logits, teacher_logits, y, temperature, alpha)
+                else:
+                    loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total, count = total + loss.item() * len(x), count + len(x)
+            scheduler.step()
+            accuracy = float(val_fn(student.eval()))
+            history.append({"epoch": epoch, "train_loss": total / max(count, 1), "balanced_accuracy": accuracy,
+                            "seconds": time.perf_counter() - start})
+            log.info("recovery epoch %d: loss %.4f, balanced accuracy %.4f", epoch, total / max(count, 1), accuracy)
+            if accuracy > best:
+                best, best_state, best_epoch, stale = accuracy, copy.deepcopy(student.state_dict()), epoch, 0
+            else:
+                stale += 1
+                if stale >= patience:
+                    break
+    finally:
+        student.load_state_dict(best_state)
+        student.eval()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+    return {"history": history, "best_epoch": best_epoch, "best_balanced_accuracy": best,
+            "stopped_early": len(history) - 1 < epochs}
+
+
+def trunk_stages(model: EdgeClassifier, img_size: int) -> list[list[int]]:
+    """Prunable block indices grouped by stage (consecutive blocks with the same output resolution)."""
+    sizes: dict[int, int] = {}
+    handles = [block.register_forward_hook(lambda m, a, out, i=i: sizes.__setitem__(i, out.shape[-1]))
+               for i, block in enumerate(model.trunk.blocks)]
+    try:
+        with torch.no_grad():
+            model.eval().trunk(torch.zeros(1, 3, img_size, img_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    stages: list[list[int]] = []
+    for group in find_prune_groups(model, img_size):
+        if stages and sizes[stages[-1][-1]] == sizes[group.block_index]:
+            stages[-1].append(group.block_index)
+        else:
+            stages.append([group.block_index])
+    return stages
+
+
+def sweep(
+    model: EdgeClassifier,
+    img_size: int,
+    val_fn: Callable[[nn.Module], float],
+    sparsities: tuple[float, ...] = (0.3, 0.5, 0.7),
+    method: str = "l1",
+    align: int = 8,
+    calibration_batches: Iterable | None = None,
+    training_batches: Iterable | None = None,
+    tolerance_points: float = 1.0,
+    latency_runs: int = 30,
+) -> dict:
+    """Balanced accuracy (no recovery), MACs and ORT latency per stage and sparsity, plus a recommendation.
+
+    Rows: each stage alone at each sparsity, every stage at each sparsity, and the combination of
+    each stage's highest sparsity within ``tolerance_points`` of the parent. The recommendation is
+    the lowest-latency row within that tolerance (None when no row is).
+    """
+    calibration = list(calibration_batches) if calibration_batches is not None else None
+    training = list(training_batches) if training_batches is not None else None
+    parent_accuracy = float(val_fn(model))
+    parent_macs, parent_latency = count_macs(model, img_size), ort_latency_ms(model, img_size, latency_runs)
+
+    def measure(label: str, sparsity: float, per_block: dict[int, float]) -> dict:
+        pruned, spec = prune_model(model, img_size, sparsity, method, align, per_block, calibration, training)
+        accuracy, macs = float(val_fn(pruned)), count_macs(pruned, img_size)
+        latency = ort_latency_ms(pruned, img_size, latency_runs)
+        row = {"label": label, "sparsity": sparsity, "sparsity_per_block": spec["sparsity_per_block"],
+               "balanced_accuracy": accuracy, "balanced_accuracy_delta": 100.0 * (accuracy - parent_accuracy),
+               "params": count_params(pruned), "macs": macs, "macs_ratio": parent_macs / macs,
+               "ort_latency_ms": latency, "ort_latency_ratio": parent_latency / latency}
+        log.info("sweep %s: balanced accuracy %+.2f points, macs x%.2f, latency x%.2f", label,
+                 row["balanced_accuracy_delta"], row["macs_ratio"], row["ort_latency_ratio"])
+        return row
+
+    def within(row: dict) -> bool:
+        return row["balanced_accuracy_delta"] >= -tolerance_points
+
+    stages, rows, combined = trunk_stages(model, img_size), [], {}
+    for index, blocks in enumerate(stages):
+        for sparsity in sparsities:
+            rows.append(measure(f"stage {index} (blocks {blocks[0]}-{blocks[-1]}) at {sparsity}", 0.0,
+                                {block: sparsity for block in blocks}))
+            if within(rows[-1]):
+                combined.update({block: sparsity for block in blocks})
+    for sparsity in sparsities:
+        rows.append(measure(f"all stages at {sparsity}", sparsity, {}))
+    if combined:
+        rows.append(measure("each stage at its highest sparsity within tolerance", 0.0, combined))
+    candidates = [row for row in rows if within(row)]
+    return {
+        "parent": {"balanced_accuracy": parent_accuracy, "macs": parent_macs, "params": count_params(model),
+                   "ort_latency_ms": parent_latency},
+        "stages": stages, "method": method, "align": align, "tolerance_points": tolerance_points, "rows": rows,
+        "recommended": min(candidates, key=lambda row: row["ort_latency_ms"]) if candidates else None,
+    }
