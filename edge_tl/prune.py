@@ -6,7 +6,10 @@ lose the same channels (NNI's channel-dependency analysis names these groups; ed
 every member the expansion conv's mask so ModelSpeedup's conflict fixing keeps them), and
 ModelSpeedup propagates the removal into the projection conv's input and the SE reduce conv's
 input. Block outputs tied by residual additions, the stem and the final conv (the head's input)
-keep their widths. Kept counts are rounded to multiples of ``align``.
+keep their widths. Kept counts are rounded to multiples of ``align``: where NNI's ratio rule would
+keep k channels, edge-tl asks the NNI pruner for round(k / align) * align (at least ``align``), so
+the same importance ranking picks them. Masks are made and applied at a 32 px probe input (channel
+masks do not depend on the spatial size), which keeps ModelSpeedup's propagation fast.
 
 After pruning, BatchNorm statistics are moment-matched to the parent on calibration images when
 given: every BatchNorm's running mean/variance is set so its output has the parent's per-channel
@@ -39,7 +42,7 @@ log = logging.getLogger(__name__)
 METHODS = ("l1", "l2", "fpgm", "taylor")
 SPEC_FORMAT = "edge-tl-shape-spec/1"
 MAX_CALIBRATION_IMAGES = 64
-PROBE_IMG_SIZE = 64
+PROBE_IMG_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -115,24 +118,33 @@ def _layer_shapes(model: nn.Module) -> dict[str, dict]:
     return shapes
 
 
-def _check_args(model, img_size, sparsity, method, align, sparsity_per_block, groups, training_batches) -> dict[int, float]:
+def _check_options(img_size, sparsity, method, align, training_batches) -> None:
     if method not in METHODS:
         raise ConfigError(f"pruning method {method!r} is unknown; choose one of {', '.join(METHODS)}")
     if isinstance(align, bool) or not isinstance(align, int) or align < 1:
         raise ConfigError(f"align {align!r} is invalid; use a positive integer such as 8 or 16")
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 32:
+        raise ConfigError(f"image size {img_size!r} is invalid for pruning; use the model's input size (>= 32)")
     if method == "taylor" and training_batches is None:
         raise ConfigError("method 'taylor' needs training_batches (labelled (x, y) batches); pass them or use l1")
+    _check_sparsity(sparsity)
+
+
+def _check_sparsity(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"sparsity {value!r} is invalid; use a fraction in [0, 1), e.g. 0.5")
+
+
+def _per_block(sparsity_per_block: Mapping | None, groups: list[PruneGroup]) -> dict[int, float]:
     per_block = {}
-    prunable = sorted({group.block_index for group in groups})
+    prunable = [group.block_index for group in groups]
     for key, value in (sparsity_per_block or {}).items():
-        block = int(key) if str(key).lstrip("-").isdigit() else None
+        block = int(key) if str(key).isdigit() else None
         if block not in prunable:
             raise ConfigError(f"sparsity_per_block names block {key!r}, which has no prunable expansion conv; "
                               f"prunable blocks: {prunable}")
+        _check_sparsity(value)
         per_block[block] = value
-    for value in (sparsity, *per_block.values()):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ConfigError(f"sparsity {value!r} is invalid; use a fraction in [0, 1), e.g. 0.5")
     return per_block
 
 
@@ -153,11 +165,12 @@ def prune_model(
     moment-match BatchNorm statistics to the parent; ``training_batches`` feed the taylor method.
     The spec holds, for every conv/bn/linear whose shape changed, its new channel counts.
     """
+    _check_options(img_size, sparsity, method, align, training_batches)
     pruned = copy.deepcopy(model).eval()
     # channel masks do not depend on the spatial size: analyse and speed up at a small probe size
     probe_size = min(img_size, PROBE_IMG_SIZE)
     groups = find_prune_groups(pruned, probe_size)
-    per_block = _check_args(model, img_size, sparsity, method, align, sparsity_per_block, groups, training_batches)
+    per_block = _per_block(sparsity_per_block, groups)
     plan = {}
     for group in groups:
         keep = aligned_keep(group.channels, per_block.get(group.block_index, sparsity), align)
@@ -174,6 +187,9 @@ def prune_model(
             param.requires_grad_(requires_grad[name])
         if calibration_batches is not None:
             match_batchnorm_statistics(pruned, model, _calibration_images(calibration_batches), _kept_channels(masks, plan))
+        else:
+            log.warning("pruned without calibration images: BatchNorm statistics are not matched to the parent, "
+                        "so accuracy before recovery will be low; pass calibration_batches")
     after = _layer_shapes(pruned)
     spec = {
         "format": SPEC_FORMAT, "method": method, "sparsity": sparsity, "align": align,
