@@ -1,0 +1,260 @@
+"""The verification gate: does a deployable artifact behave like the float model it came from?
+
+``verify(run_dir, artifact)`` runs the artifact (``.onnx`` in ONNX Runtime, ``.engine`` in
+TensorRT) and the float PyTorch model of the same stage (the stage named in the artifact's
+metadata) on the run's validation split, or on another folder with the same classes, through one
+preprocessing: :func:`edge_tl.data.preprocess` with the input size, mean and std the artifact's
+metadata declares, checked against run.json first. Both runners see the very same arrays, in
+batches. The result (agreement, logit differences, metrics of both, deltas in percentage points,
+class flips and the gate decision) is written to ``RUN_DIR/verify/<artifact file name>.json``.
+
+The gate passes when the balanced accuracy drops by at most ``max_drop`` points and the escape
+rate (defects predicted as the ok class) rises by at most ``max_escape_rise`` points.
+:func:`check_gate` turns a failed result into :class:`~edge_tl.errors.AccuracyRegressionError`
+(exit code 1), which is what a release pipeline keys on.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edge_tl import data as data_mod
+from edge_tl.artifacts import atomic_write_json, read_json, sha256_file
+from edge_tl.errors import AccuracyRegressionError, ArtifactError, ConfigError, DatasetError
+from edge_tl.metrics import classification_metrics
+from edge_tl.runners.base import Runner
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_SUFFIXES = (".onnx", ".engine")
+REQUIRED_METADATA = ("stage", "input_size", "mean", "std", "class_names", "input_name", "output_name")
+DEFAULT_BATCH_SIZE = 32
+# deltas are differences of ratios times 100; a drop of exactly max_drop must not fail on rounding
+_POINTS_TOLERANCE = 1e-9
+
+
+def verify_path(run_dir: str | os.PathLike, artifact: str | os.PathLike) -> Path:
+    return Path(run_dir) / "verify" / f"{Path(artifact).name}.json"
+
+
+def artifact_metadata(artifact: str | os.PathLike) -> dict[str, Any]:
+    """The preprocessing metadata of an ONNX file (its metadata_props) or engine (its manifest)."""
+    artifact = Path(artifact)
+    if artifact.suffix == ".onnx":
+        from export.onnx_export import read_onnx_metadata
+
+        try:
+            return read_onnx_metadata(artifact)
+        except Exception as err:  # onnx raises DecodeError and friends for a file that is not ONNX
+            raise ArtifactError(f"{artifact} is not a readable ONNX file ({err}); re-export it") from err
+    from export.tensorrt_build import manifest_path
+
+    metadata = read_json(manifest_path(artifact)).get("metadata")
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"{manifest_path(artifact)} has no preprocessing metadata; rebuild the engine with `edge-tl export`")
+    return metadata
+
+
+def check_metadata(metadata: dict[str, Any], run_info: dict[str, Any], artifact: str | os.PathLike) -> None:
+    """The artifact must declare the run's stage set, input size, mean, std, classes and ok class."""
+    name = Path(artifact).name
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ArtifactError(f"{name} metadata lacks {', '.join(missing)}; re-export it with `edge-tl export`")
+    if metadata["stage"] not in ("float", "pruned"):
+        raise ArtifactError(f"{name} metadata names stage {metadata['stage']!r}, not float or pruned; re-export it")
+    size = run_info["img_size"]
+    checks = (
+        ("input size", list(metadata["input_size"]), [size, size], lambda a, b: a == b),
+        ("mean", metadata["mean"], run_info["mean"], lambda a, b: np.allclose(a, b, rtol=0, atol=1e-7)),
+        ("std", metadata["std"], run_info["std"], lambda a, b: np.allclose(a, b, rtol=0, atol=1e-7)),
+        ("classes", list(metadata["class_names"]), list(run_info["classes"]), lambda a, b: a == b),
+        ("ok class", metadata.get("ok_class"), run_info.get("ok_class"), lambda a, b: a == b),
+    )
+    for label, declared, expected, same in checks:
+        if len(np.atleast_1d(declared)) != len(np.atleast_1d(expected)) or not same(declared, expected):
+            raise ArtifactError(
+                f"{name} declares {label} {declared!r} but the run has {expected!r}; it was exported from another run, "
+                "re-export it from this run"
+            )
+
+
+def _records(run_info: dict[str, Any], data_dir: str | os.PathLike | None) -> tuple[list, str]:
+    if data_dir is None:
+        from edge_tl.finetune import run_records
+
+        return run_records(run_info, "val"), "validation split"
+    scan = data_mod.scan_image_folder(data_dir)
+    if list(scan.classes) != list(run_info["classes"]):
+        raise DatasetError(
+            f"{data_dir} has classes {', '.join(scan.classes)} but the run has {', '.join(run_info['classes'])}; "
+            "verify on a folder with the same class folders"
+        )
+    return list(scan.records), str(Path(data_dir))
+
+
+def _artifact_runner(artifact: Path) -> tuple[Runner, str, int | None]:
+    """(runner, backend name, largest batch the artifact takes or None for any)."""
+    if artifact.suffix == ".onnx":
+        from edge_tl.runners.onnxruntime_runner import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(artifact), "onnxruntime", None
+    from edge_tl.runners.tensorrt_runner import TensorRTRunner
+    from export.tensorrt_build import manifest_path
+
+    settings = read_json(manifest_path(artifact)).get("settings", {})
+    return TensorRTRunner(artifact), "tensorrt", int(settings.get("max_batch", 1))
+
+
+def _batch_sizes(runner: Runner, input_name: str, batch_size: int, max_batch: int | None) -> tuple[int, bool]:
+    """(images per call, whether every call must be exactly that size) for the active runner."""
+    specs = runner.input_specs()
+    if input_name not in specs:
+        raise ArtifactError(f"{runner.name} has inputs {sorted(specs)}, its metadata names {input_name!r}; re-export it")
+    fixed = specs[input_name].shape[0]
+    if fixed is not None:
+        return fixed, True
+    return min(batch_size, max_batch) if max_batch else batch_size, False
+
+
+def _run(runner: Runner, images: np.ndarray, input_name: str, output_name: str, size: int, exact: bool) -> np.ndarray:
+    outputs = []
+    for start in range(0, len(images), size):
+        chunk = images[start:start + size]
+        count = len(chunk)
+        if exact and count < size:  # a static-batch artifact: pad with the last image, drop its outputs
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - count, axis=0)])
+        result = runner.infer({input_name: np.ascontiguousarray(chunk)})
+        if output_name not in result:
+            raise ArtifactError(f"{runner.name} has outputs {sorted(result)}, its metadata names {output_name!r}; re-export it")
+        outputs.append(np.asarray(result[output_name], dtype=np.float32)[:count])
+    return np.concatenate(outputs)
+
+
+def _load_images(records: Sequence, img_size: int, mean, std) -> np.ndarray:
+    batch = np.empty((len(records), 3, img_size, img_size), dtype=np.float32)
+    for index, record in enumerate(records):
+        batch[index] = data_mod.preprocess(data_mod.load_image(record.path), img_size, mean, std)
+    return batch
+
+
+def _check_limits(max_drop: float, max_escape_rise: float, batch_size: int) -> None:
+    for label, value in (("--max-drop", max_drop), ("--max-escape-rise", max_escape_rise)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{label} {value!r} must be a number of percentage points >= 0, e.g. 1.0")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size {batch_size!r} must be an integer >= 1, e.g. {DEFAULT_BATCH_SIZE}")
+
+
+def compare(float_logits: np.ndarray, artifact_logits: np.ndarray, labels: Sequence[int], classes: Sequence[str],
+            ok_class: str | None, max_drop: float, max_escape_rise: float) -> dict[str, Any]:
+    """The gate numbers for two sets of logits over the same labelled samples (pure, no I/O)."""
+    classes = list(classes)
+    float_pred, artifact_pred = float_logits.argmax(1), artifact_logits.argmax(1)
+    reference = classification_metrics(labels, float_pred, classes, ok_class)
+    metrics = classification_metrics(labels, artifact_pred, classes, ok_class)
+    diff = np.abs(artifact_logits.astype(np.float64) - float_logits.astype(np.float64))
+    flips = Counter(f"{classes[f]}->{classes[a]}" for f, a in zip(float_pred, artifact_pred) if f != a)
+    delta = 100.0 * (metrics["balanced_accuracy"] - reference["balanced_accuracy"])
+    result: dict[str, Any] = {
+        "num_samples": int(len(labels)),
+        "top1_agreement": float(np.mean(float_pred == artifact_pred)) if len(labels) else 0.0,
+        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+        "accuracy": metrics["accuracy"],
+        "balanced_accuracy": metrics["balanced_accuracy"],
+        "float_accuracy": reference["accuracy"],
+        "float_balanced_accuracy": reference["balanced_accuracy"],
+        "balanced_accuracy_delta": delta,
+    }
+    passed = -delta <= max_drop + _POINTS_TOLERANCE
+    if ok_class is not None:
+        rise = 100.0 * (metrics["escape_rate"] - reference["escape_rate"])
+        result.update({"ok_class": ok_class, "escape_rate": metrics["escape_rate"],
+                       "float_escape_rate": reference["escape_rate"], "escape_rate_delta": rise})
+        passed = passed and rise <= max_escape_rise + _POINTS_TOLERANCE
+    result.update({
+        "flips": dict(sorted(flips.items(), key=lambda item: (-item[1], item[0]))),
+        "confusion_matrix": metrics["confusion_matrix"],
+        "float_confusion_matrix": reference["confusion_matrix"],
+        "max_drop": float(max_drop), "max_escape_rise": float(max_escape_rise), "passed": bool(passed),
+    })
+    return result
+
+
+def verify(
+    run_dir: str | os.PathLike,
+    artifact: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    max_drop: float = 1.0,
+    max_escape_rise: float = 0.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict[str, Any]:
+    """Compare ``artifact`` with the float model of its stage; write and return the result.
+
+    ``max_drop`` and ``max_escape_rise`` are in percentage points. A failed gate is a result with
+    ``passed`` false, not an exception: call :func:`check_gate` to raise it.
+    """
+    from edge_tl.runners.torch_runner import TorchRunner
+    from export.stage import load_stage_model
+
+    _check_limits(max_drop, max_escape_rise, batch_size)
+    run_dir, artifact = Path(run_dir), Path(artifact)
+    if artifact.suffix not in ARTIFACT_SUFFIXES:
+        raise ConfigError(f"artifact {artifact.name} is neither .onnx nor .engine; pass a file from {run_dir / 'export'}")
+    if not artifact.is_file():
+        raise ArtifactError(f"artifact {artifact} does not exist; create it with `edge-tl export {run_dir}`")
+    run_info = read_json(run_dir / "run.json")
+    metadata = artifact_metadata(artifact)
+    check_metadata(metadata, run_info, artifact)
+    records, data_label = _records(run_info, data_dir)
+    if not records:
+        raise DatasetError(f"no images to verify on in {data_label}; pass --data DIR with images of every class")
+    stage, img_size = metadata["stage"], int(metadata["input_size"][0])
+    input_name, output_name = metadata["input_name"], metadata["output_name"]
+
+    labels = [record.label for record in records]
+    model, _ = load_stage_model(run_dir, stage)
+    runner, backend, max_batch = _artifact_runner(artifact)
+    artifact_parts, float_parts = [], []
+    with runner, TorchRunner(model, img_size, input_name, output_name) as reference:
+        size, exact = _batch_sizes(runner, input_name, batch_size, max_batch)
+        for start in range(0, len(records), batch_size):  # decode each image once, feed both runners
+            images = _load_images(records[start:start + batch_size], img_size, metadata["mean"], metadata["std"])
+            artifact_parts.append(_run(runner, images, input_name, output_name, size, exact))
+            float_parts.append(_run(reference, images, input_name, output_name, batch_size, False))
+    artifact_logits, float_logits = np.concatenate(artifact_parts), np.concatenate(float_parts)
+
+    result = {
+        "artifact": artifact.name, "artifact_sha256": sha256_file(artifact), "backend": backend, "stage": stage,
+        "precision": metadata.get("precision"), "data": data_label, "classes": list(run_info["classes"]),
+        **compare(float_logits, artifact_logits, labels, run_info["classes"], run_info.get("ok_class"),
+                  max_drop, max_escape_rise),
+    }
+    atomic_write_json(verify_path(run_dir, artifact), result)
+    logger.info("%s vs float %s model on %d images: agreement %.4f, balanced accuracy %+.2f points -> %s",
+                artifact.name, stage, result["num_samples"], result["top1_agreement"],
+                result["balanced_accuracy_delta"], "passed" if result["passed"] else "FAILED")
+    return result
+
+
+def check_gate(result: dict[str, Any]) -> None:
+    """Raise AccuracyRegressionError (exit code 1) with one line when ``result`` failed the gate."""
+    if result["passed"]:
+        return
+    message = (
+        f"{result['artifact']} failed the gate: balanced accuracy {100 * result['balanced_accuracy']:.2f}% vs float "
+        f"{100 * result['float_balanced_accuracy']:.2f}% ({result['balanced_accuracy_delta']:+.2f} points, "
+        f"max drop {result['max_drop']:.2f})"
+    )
+    if "escape_rate_delta" in result:
+        message += f", escape rate {result['escape_rate_delta']:+.2f} points (max rise {result['max_escape_rise']:.2f})"
+    raise AccuracyRegressionError(
+        f"{message}, top-1 agreement {result['top1_agreement']:.4f}; recalibrate or quantize with QAT, or keep the float model"
+    )

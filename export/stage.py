@@ -1,0 +1,332 @@
+"""The export stage: a run's float or pruned model -> an ONNX file or TensorRT engine with a manifest.
+
+``export_artifact(run_dir, ExportConfig(...))`` writes into ``RUN_DIR/export/``:
+
+- ONNX: ``model.<stage>.<precision>.onnx`` (``model.<stage>.int8-trt.onnx`` for the TensorRT Q/DQ
+  flavour) carrying the run's preprocessing in its metadata, and its manifest
+  ``<file>.onnx.json`` (parity with PyTorch, sha256, size, opset, calibration hash, versions);
+- engines: ``model.<stage>.<precision>.engine`` built by :func:`export.tensorrt_build.build_engine`
+  from the ONNX file :func:`export.tensorrt_compat.plan_build` asks for (exported first, with its
+  own manifest), the engine manifest ``<file>.engine.manifest.json`` (with the preprocessing
+  metadata, so ``verify`` can feed the engine), and for INT8 on TensorRT <= 10 the implicit-INT8
+  calibration cache ``model.<stage>.int8.calib`` generated from calibration.json.
+
+INT8 reads ``RUN_DIR/quantized/<stage>/calibration.json``; when that quantize run was QAT
+(``model.safetensors`` beside it, folded weights) the QAT weights are exported, and the manifest
+says so. Every check on the request runs before any model is loaded. Files are built in a hidden
+staging folder inside ``export/`` and moved into place only when everything succeeded, an old
+manifest is removed before its artifact is replaced, and the new manifest is written last: a
+failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibrate.calibration_file import Calibration, read_calibration
+from edge_tl.artifacts import atomic_write_json, load_weights, read_json, sha256_file
+from edge_tl.errors import ArtifactError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "engine")
+PRECISIONS = ("fp32", "fp16", "int8")
+STAGES = ("float", "pruned")
+QDQ_TARGETS = ("onnxruntime", "tensorrt")
+MIN_OPSET, MAX_OPSET = 13, 21
+MANIFEST_FORMAT = "edge-tl-export"
+MANIFEST_VERSION = 1
+_ONNX_FOR_PLAN = {"fp32": "fp32", "fp16": "fp16", "qdq": "int8"}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export. ``target`` picks the INT8 Q/DQ flavour of an ONNX export (engines always use
+    the TensorRT one); ``dla_core``, ``workspace_mb`` and ``timing_cache`` apply to engines only."""
+
+    format: str = "onnx"
+    precision: str = "fp32"
+    stage: str = "float"
+    opset: int = 17
+    dynamic_batch: bool = True
+    target: str = "onnxruntime"
+    dla_core: int | None = None
+    workspace_mb: int = 1024
+    timing_cache: str | None = None
+
+
+def export_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "export"
+
+
+def artifact_name(stage: str, precision: str, fmt: str = "onnx", target: str = "onnxruntime") -> str:
+    """``model.float.fp32.onnx``, ``model.pruned.int8-trt.onnx``, ``model.float.fp16.engine``, ..."""
+    if fmt == "engine":
+        return f"model.{stage}.{precision}.engine"
+    tag = "int8-trt" if precision == "int8" and target == "tensorrt" else precision
+    return f"model.{stage}.{tag}.onnx"
+
+
+def onnx_manifest_path(onnx_path: str | os.PathLike) -> Path:
+    return Path(f"{onnx_path}.json")
+
+
+def calibration_path(run_dir: str | os.PathLike, stage: str) -> Path:
+    return Path(run_dir) / "quantized" / stage / "calibration.json"
+
+
+def validate_config(cfg: ExportConfig) -> None:
+    """Every check on the settings alone, before touching the run directory."""
+    for label, value, valid in (("--format", cfg.format, FORMATS), ("--precision", cfg.precision, PRECISIONS),
+                                ("--stage", cfg.stage, STAGES), ("Q/DQ target", cfg.target, QDQ_TARGETS)):
+        if value not in valid:
+            raise ConfigError(f"{label} {value!r} is not one of {', '.join(valid)}")
+    if cfg.format == "engine" and cfg.precision == "fp32":
+        raise ConfigError("--format engine needs --precision fp16 or int8; an FP32 engine gains nothing, export ONNX fp32")
+    if isinstance(cfg.opset, bool) or not isinstance(cfg.opset, int) or not MIN_OPSET <= cfg.opset <= MAX_OPSET:
+        raise ConfigError(f"--opset {cfg.opset!r} is not supported; use {MIN_OPSET} to {MAX_OPSET} (default 17)")
+    if not isinstance(cfg.dynamic_batch, bool):
+        raise ConfigError(f"dynamic_batch {cfg.dynamic_batch!r} must be True or False")
+    if isinstance(cfg.workspace_mb, bool) or not isinstance(cfg.workspace_mb, int) or cfg.workspace_mb < 1:
+        raise ConfigError(f"--workspace {cfg.workspace_mb!r} must be an integer number of MB >= 1, e.g. 1024")
+    if cfg.format == "onnx" and (cfg.dla_core is not None or cfg.timing_cache is not None):
+        raise ConfigError("--dla-core and --timing-cache apply to --format engine only; drop them for ONNX")
+
+
+def _check_run(run_dir: Path, cfg: ExportConfig) -> None:
+    """Every check on the run directory and the installed backends, before any model is loaded."""
+    if not (run_dir / "run.json").is_file():
+        raise ArtifactError(f"{run_dir} is not a run directory (no run.json); run `edge-tl finetune DATA_DIR --out {run_dir}` first")
+    if cfg.stage == "pruned" and not (run_dir / "pruned").is_dir():
+        raise ArtifactError(f"{run_dir / 'pruned'} does not exist; run `edge-tl prune {run_dir}` first or export --stage float")
+    if cfg.precision == "int8" and not calibration_path(run_dir, cfg.stage).is_file():
+        raise ArtifactError(
+            f"INT8 export needs {calibration_path(run_dir, cfg.stage)}; run `edge-tl quantize {run_dir} --stage {cfg.stage}` first"
+        )
+    if cfg.format == "engine":
+        from export.tensorrt_compat import import_tensorrt, plan_build
+
+        plan_build(import_tensorrt().__version__, cfg.precision, "qdq", cfg.dla_core)
+
+
+def load_stage_model(run_dir: str | os.PathLike, stage: str) -> tuple[nn.Module, dict]:
+    """The float model of ``stage``: the fine-tuned checkpoint, or the pruned model of RUN_DIR/pruned."""
+    run_dir = Path(run_dir)
+    if stage not in STAGES:
+        raise ConfigError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+    if stage == "float":
+        from edge_tl.finetune import load_checkpoint
+
+        return load_checkpoint(run_dir)
+    if not (run_dir / "pruned").is_dir():
+        raise ArtifactError(f"{run_dir / 'pruned'} does not exist; run `edge-tl prune {run_dir}` first")
+    from edge_tl.prune import load_pruned  # imports NNI: only when the pruned stage is asked for
+
+    return load_pruned(run_dir)
+
+
+def load_int8_model(run_dir: str | os.PathLike, stage: str, model: nn.Module, img_size: int
+                    ) -> tuple[nn.Module, Calibration, dict[str, Any]]:
+    """(model to quantize, calibration, calibration facts for the manifest) of RUN_DIR/quantized/<stage>.
+
+    The model is ``model`` BN-folded, with the QAT weights of ``quantized/<stage>/model.safetensors``
+    when the quantize run was QAT (calibration.json's module names and ranges refer to those weights).
+    """
+    from edge_tl.fold import fold_batchnorm
+
+    path = calibration_path(run_dir, stage)
+    calibration = read_calibration(path)
+    recorded_stage, recorded_size = calibration.model.get("stage"), calibration.model.get("img_size")
+    if recorded_stage not in (None, stage):
+        raise ArtifactError(f"{path} was made for stage {recorded_stage!r}, not {stage!r}; rerun `edge-tl quantize --stage {stage}`")
+    if recorded_size not in (None, img_size):
+        raise ArtifactError(f"{path} was made at {recorded_size} px, the run uses {img_size} px; rerun `edge-tl quantize`")
+    weights_path = path.parent / "model.safetensors"
+    mode = calibration.model.get("mode")
+    if mode == "qat" and not weights_path.is_file():
+        raise ArtifactError(f"{path} comes from QAT but {weights_path} is missing; rerun `edge-tl quantize --mode qat`")
+    if mode == "ptq" and weights_path.is_file():
+        raise ArtifactError(f"{weights_path} is left from an older QAT run but {path} is PTQ; delete it or rerun `edge-tl quantize`")
+    folded = fold_batchnorm(model)
+    facts: dict[str, Any] = {
+        "path": path.relative_to(run_dir).as_posix(), "sha256": sha256_file(path), "method": calibration.method,
+        "calibration_files_hash": calibration.calibration_files_hash, "mode": mode,
+        "weights": "qat" if weights_path.is_file() else "stage",
+    }
+    if weights_path.is_file():
+        try:
+            folded.load_state_dict(load_weights(weights_path), strict=True)
+        except RuntimeError as err:
+            raise ArtifactError(
+                f"{weights_path} does not fit the {stage} model ({str(err).splitlines()[0]}); rerun `edge-tl quantize --mode qat`"
+            ) from err
+        facts["qat_weights_sha256"] = sha256_file(weights_path)
+        logger.info("INT8 export of the %s stage uses the QAT weights of %s", stage, weights_path)
+    return folded.eval(), calibration, facts
+
+
+@contextlib.contextmanager
+def _staging(folder: Path) -> Iterator[Path]:
+    """A hidden folder inside ``folder`` for files that are moved into place only on success."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", suffix=".partial", dir=folder))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staged: Path, final: Path, manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """Move a finished artifact into place; its manifest (stale one removed first) comes last."""
+    manifest_path.unlink(missing_ok=True)
+    os.replace(staged, final)
+    atomic_write_json(manifest_path, manifest)
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    import edge_tl
+
+    return {"edge_tl": edge_tl.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def _torch_parity(onnx_path: Path, model: nn.Module, img_size: int, dynamic_batch: bool) -> float:
+    """max |ONNX Runtime - PyTorch| on the fixed parity input the exporters use."""
+    from export.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session, parity_input
+
+    x = parity_input(img_size, 2 if dynamic_batch else 1)
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(x)).numpy()
+    got = ort_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    return float(np.max(np.abs(got - expected)))
+
+
+def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: dict) -> dict[str, Any]:
+    from export.fp16 import export_fp16_onnx
+    from export.onnx_export import export_onnx, preprocessing_metadata, read_onnx_metadata
+    from export.qdq import export_qdq_onnx
+
+    img_size = int(run_info["img_size"])
+    name = artifact_name(cfg.stage, cfg.precision, "onnx", cfg.target)
+    final = export_dir(run_dir) / name
+    metadata = preprocessing_metadata(img_size, run_info["mean"], run_info["std"], run_info["classes"],
+                                      run_info.get("ok_class"), stage=cfg.stage, backbone=run_info.get("backbone"))
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "artifact": name, "artifact_format": "onnx",
+        "stage": cfg.stage, "precision": cfg.precision, "opset": cfg.opset, "dynamic_batch": cfg.dynamic_batch,
+        "img_size": img_size, "backbone": run_info.get("backbone"),
+        "run_json_sha256": sha256_file(run_dir / "run.json"),
+    }
+    with _staging(export_dir(run_dir)) as staging:
+        staged = staging / name
+        if cfg.precision == "fp32":
+            report = export_onnx(model, img_size, staged, cfg.opset, cfg.dynamic_batch, metadata)
+            manifest["parity_reference"] = f"PyTorch {cfg.stage} model"
+        elif cfg.precision == "fp16":
+            fp32_path = staging / "fp32.onnx"
+            export_onnx(model, img_size, fp32_path, cfg.opset, cfg.dynamic_batch, metadata)
+            report = export_fp16_onnx(fp32_path, staged)
+            report["max_abs_diff"] = _torch_parity(staged, model, img_size, cfg.dynamic_batch)
+            manifest["parity_reference"] = f"PyTorch {cfg.stage} model"
+        else:
+            quantized, calibration, facts = load_int8_model(run_dir, cfg.stage, model, img_size)
+            metadata["int8_weights"] = facts["weights"]
+            report = export_qdq_onnx(quantized, calibration, img_size, staged, cfg.target, cfg.opset,
+                                     cfg.dynamic_batch, metadata)
+            manifest["calibration"] = facts
+            manifest["qdq_target"] = cfg.target
+            manifest["parity_reference"] = (f"PyTorch {cfg.stage} model, BN-folded"
+                                            + (", QAT weights" if facts["weights"] == "qat" else ""))
+            manifest["int8"] = {key: report[key] for key in (
+                "quantized_weights", "quantized_activations", "float_activations", "activation_dtype", "ort_ops")}
+            manifest["top1_agreement"] = report["top1_agreement"]
+        manifest.update({
+            "max_abs_diff": report["max_abs_diff"],
+            "parity_input": f"standard normal, seed 0, batch {2 if cfg.dynamic_batch else 1}",
+            "sha256": sha256_file(staged), "size_bytes": staged.stat().st_size,
+            "metadata": read_onnx_metadata(staged), "versions": _versions(),
+        })
+        if "max_abs_diff_vs_fp32" in report:
+            manifest["max_abs_diff_vs_fp32"] = report["max_abs_diff_vs_fp32"]
+        _publish(staged, final, onnx_manifest_path(final), manifest)
+    manifest["path"] = str(final)
+    logger.info("exported %s: %d bytes, max |ONNX - PyTorch| = %.2e", final, manifest["size_bytes"], manifest["max_abs_diff"])
+    return manifest
+
+
+def _export_engine(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: dict) -> dict[str, Any]:
+    from export.onnx_export import export_onnx
+    from export.onnx_ranges import export_tensorrt_cache
+    from export.tensorrt_build import build_engine, manifest_path
+    from export.tensorrt_compat import import_tensorrt, parse_version, plan_build
+
+    trt_version = import_tensorrt().__version__
+    plan = plan_build(trt_version, cfg.precision, "qdq", cfg.dla_core)
+    onnx_cfg = replace(cfg, format="onnx", precision=_ONNX_FOR_PLAN[plan.onnx_kind], target="tensorrt",
+                       dla_core=None, timing_cache=None)
+    source = _export_onnx(run_dir, onnx_cfg, model, run_info)
+    img_size = int(run_info["img_size"])
+    name = artifact_name(cfg.stage, cfg.precision, "engine")
+    final = export_dir(run_dir) / name
+    calibration = source.get("calibration")
+    with _staging(export_dir(run_dir)) as staging:
+        staged = staging / name
+        cache_name = None
+        if cfg.precision == "int8" and parse_version(trt_version)[0] < 11:
+            # implicit INT8 (JetPack 5/6 DLA, older builds): the cache names tensors of the FP32 ONNX
+            quantized, calib, _ = load_int8_model(run_dir, cfg.stage, model, img_size)
+            fp32_path = staging / artifact_name(cfg.stage, "fp32")
+            metadata = {key: source["metadata"][key] for key in ("mean", "std", "class_names")}
+            export_onnx(quantized, img_size, fp32_path, cfg.opset, cfg.dynamic_batch, metadata)
+            cache_name = f"model.{cfg.stage}.int8.calib"
+            export_tensorrt_cache(fp32_path, quantized, calib, staging / cache_name, trt_version)
+        built = build_engine(
+            Path(source["path"]), staged, cfg.precision, img_size, int8_source="qdq",
+            calibration_hash=calibration["sha256"] if calibration else None, dla_core=cfg.dla_core,
+            workspace_mb=cfg.workspace_mb, timing_cache=cfg.timing_cache,
+        )
+        manifest = {
+            **built, "artifact": name, "artifact_format": "engine", "stage": cfg.stage,
+            "source_onnx_manifest": onnx_manifest_path(source["artifact"]).name, "metadata": source["metadata"],
+            "calibration": calibration, "calibration_cache": cache_name,
+            "calibration_cache_onnx": artifact_name(cfg.stage, "fp32") if cache_name else None,
+            "sha256": sha256_file(staged), "size_bytes": staged.stat().st_size, "versions": _versions(),
+        }
+        if cache_name:
+            os.replace(staging / cache_name, export_dir(run_dir) / cache_name)
+        _publish(staged, final, manifest_path(final), manifest)
+    manifest["path"] = str(final)
+    logger.info("built %s (%s, TensorRT %s) from %s", final, cfg.precision, trt_version, source["artifact"])
+    return manifest
+
+
+def export_artifact(run_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig()) -> dict[str, Any]:
+    """Export the run's ``cfg.stage`` model as ``cfg.format``/``cfg.precision``; returns the manifest
+    (as written, plus ``path``: the artifact's location)."""
+    validate_config(cfg)
+    run_dir = Path(run_dir)
+    _check_run(run_dir, cfg)
+    model, _ = load_stage_model(run_dir, cfg.stage)
+    run_info = read_json(run_dir / "run.json")
+    if cfg.format == "engine":
+        return _export_engine(run_dir, cfg, model, run_info)
+    return _export_onnx(run_dir, cfg, model, run_info)
