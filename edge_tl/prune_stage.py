@@ -1,0 +1,199 @@
+"""The prune stage of a run directory: parent checkpoint -> RUN_DIR/pruned/ (spec, weights, metrics).
+
+`edge_tl.prune` owns NNI and the model surgery; this module turns a fine-tuned run into a pruned
+artifact, recovers its accuracy, measures it against the parent and writes it atomically.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_tl import data as data_mod
+from edge_tl.artifacts import atomic_write_json, load_weights, read_json, save_weights
+from edge_tl.backbones import build_model
+from edge_tl.errors import AccuracyRegressionError, ArtifactError, ConfigError
+from edge_tl.finetune import load_checkpoint, run_records
+from edge_tl.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
+
+PRUNED_DIR = "pruned"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    sparsity: float = 0.5
+    method: str = "l1"
+    align: int = 8
+    recover_epochs: int = 6
+    distill: bool = True
+    lr: float = 1e-4
+    batch_size: int = 32
+    calibration_images: int = 64
+    latency_runs: int = 50
+    require_speedup: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    pruned_dir: Path
+    metrics: dict
+    faster_than_parent: bool
+
+
+def _validate(cfg: PruneConfig) -> None:
+    from edge_tl.prune import METHODS
+
+    if cfg.method not in METHODS:
+        raise ConfigError(f"--method {cfg.method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if not 0.0 < cfg.sparsity < 1.0:
+        raise ConfigError(f"--sparsity {cfg.sparsity} must lie strictly between 0 and 1")
+    if cfg.align < 1:
+        raise ConfigError(f"--align {cfg.align} must be a positive channel count (8 suits most runtimes)")
+    if cfg.recover_epochs < 0:
+        raise ConfigError(f"--recover-epochs {cfg.recover_epochs} must be 0 or more")
+
+
+def _batches(records, run_info: dict, batch_size: int, rng: np.random.Generator | None):
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        images = data_mod.load_tensor_batch(chunk, run_info["img_size"], run_info["mean"], run_info["std"], rng)
+        yield torch.from_numpy(images), torch.tensor([r.label for r in chunk])
+
+
+def _predict(model: nn.Module, val_images: torch.Tensor) -> np.ndarray:
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(chunk) for chunk in torch.split(val_images, 64)]).argmax(1).numpy()
+
+
+def prune_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig()) -> PruneResult:
+    """Prune a fine-tuned run, recover accuracy with distillation, and write RUN_DIR/pruned/."""
+    from edge_tl import prune as prune_mod
+
+    _validate(cfg)
+    run_dir = Path(run_dir)
+    parent, run_info = load_checkpoint(run_dir)
+    img_size, classes = run_info["img_size"], run_info["classes"]
+    train, val = run_records(run_info, "train"), run_records(run_info, "val")
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    val_images = torch.cat([images for images, _ in _batches(val, run_info, 64, None)])
+    val_labels = np.array([r.label for r in val])
+
+    def balanced_accuracy(model: nn.Module) -> float:
+        return classification_metrics(val_labels, _predict(model, val_images), classes)["balanced_accuracy"]
+
+    calibration = [train[i] for i in rng.permutation(len(train))[: cfg.calibration_images]]
+    calibration_batches = [images for images, _ in _batches(calibration, run_info, cfg.batch_size, None)]
+    training_batches = list(_batches(calibration, run_info, cfg.batch_size, None)) if cfg.method == "taylor" else None
+    pruned, spec = prune_mod.prune_model(parent, img_size, cfg.sparsity, cfg.method, cfg.align,
+                                         calibration_batches=calibration_batches, training_batches=training_batches)
+
+    def train_loader():
+        order = [train[i] for i in rng.permutation(len(train))]
+        return _batches(order, run_info, cfg.batch_size, rng)
+
+    recovery = prune_mod.recover(pruned, parent if cfg.distill else None, train_loader, balanced_accuracy,
+                                 cfg.recover_epochs, cfg.lr, distill=cfg.distill)
+
+    parent_metrics = classification_metrics(val_labels, _predict(parent, val_images), classes, run_info.get("ok_class"))
+    metrics = classification_metrics(val_labels, _predict(pruned, val_images), classes, run_info.get("ok_class"))
+    parent_macs, macs = prune_mod.count_macs(parent, img_size), prune_mod.count_macs(pruned, img_size)
+    parent_latency = prune_mod.ort_latency_ms(parent, img_size, cfg.latency_runs)
+    latency = prune_mod.ort_latency_ms(pruned, img_size, cfg.latency_runs)
+    metrics.update({
+        "params": prune_mod.count_params(pruned), "parent_params": prune_mod.count_params(parent),
+        "macs": macs, "parent_macs": parent_macs, "macs_ratio": parent_macs / macs,
+        "ort_latency_ms": latency, "parent_ort_latency_ms": parent_latency,
+        "ort_latency_ratio": parent_latency / latency,
+        "parent_balanced_accuracy": parent_metrics["balanced_accuracy"],
+        "balanced_accuracy_delta": 100.0 * (metrics["balanced_accuracy"] - parent_metrics["balanced_accuracy"]),
+        "faster_than_parent": latency < parent_latency,
+        "recovery": recovery,
+        "config": asdict(cfg),
+    })
+    if "escape_rate" in metrics:
+        metrics["escape_rate_delta"] = 100.0 * (metrics["escape_rate"] - parent_metrics["escape_rate"])
+    spec = {**spec, "backbone": run_info["backbone"], "img_size": img_size, "num_classes": len(classes)}
+
+    out = run_dir / PRUNED_DIR
+    staging = Path(tempfile.mkdtemp(prefix=".pruned.", suffix=".partial", dir=run_dir))
+    try:
+        save_weights(staging / "model.safetensors", pruned.state_dict(), {"stage": "pruned"})
+        atomic_write_json(staging / "shape.json", spec)
+        atomic_write_json(staging / "metrics.json", metrics)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    faster = metrics["faster_than_parent"]
+    if not faster:
+        message = (f"pruned model is not faster than its parent in ONNX Runtime ({latency:.2f} ms vs "
+                   f"{parent_latency:.2f} ms); try another --sparsity or `edge-tl prune RUN_DIR --sweep`")
+        log.warning(message)
+        if cfg.require_speedup:
+            raise AccuracyRegressionError(message)
+    return PruneResult(out, metrics, faster)
+
+
+def load_pruned(run_dir: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the pruned model of a run from RUN_DIR/pruned/shape.json and model.safetensors."""
+    from edge_tl.prune import apply_shape_spec
+
+    run_dir = Path(run_dir)
+    pruned_dir = run_dir / PRUNED_DIR
+    if not (pruned_dir / "shape.json").is_file():
+        raise ArtifactError(f"{pruned_dir} has no pruned model; run `edge-tl prune {run_dir}` first")
+    run_info = read_json(run_dir / "run.json")
+    spec = read_json(pruned_dir / "shape.json")
+    model = build_model(run_info["backbone"], num_classes=len(run_info["classes"]), img_size=run_info["img_size"],
+                        pretrained=False)
+    apply_shape_spec(model, spec)
+    model.load_state_dict(load_weights(pruned_dir / "model.safetensors"), strict=True)
+    return model.eval(), run_info
+
+
+def load_stage_model(run_dir: str | Path, stage: str) -> tuple[nn.Module, dict]:
+    """The float (fine-tuned) or pruned model of a run."""
+    if stage == "float":
+        return load_checkpoint(run_dir)
+    if stage == "pruned":
+        return load_pruned(run_dir)
+    raise ConfigError(f"--stage {stage!r} is unknown; choose float or pruned")
+
+
+def sweep_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig(),
+              sparsities: tuple[float, ...] = (0.3, 0.5, 0.7)) -> dict:
+    """Accuracy (no recovery), MACs and latency per trunk stage and sparsity -> RUN_DIR/pruned_sweep.json."""
+    from edge_tl import prune as prune_mod
+
+    _validate(cfg)
+    run_dir = Path(run_dir)
+    parent, run_info = load_checkpoint(run_dir)
+    classes = run_info["classes"]
+    train, val = run_records(run_info, "train"), run_records(run_info, "val")
+    val_images = torch.cat([images for images, _ in _batches(val, run_info, 64, None)])
+    val_labels = np.array([r.label for r in val])
+    rng = np.random.default_rng(cfg.seed)
+    calibration = [train[i] for i in rng.permutation(len(train))[: cfg.calibration_images]]
+    calibration_batches = [images for images, _ in _batches(calibration, run_info, cfg.batch_size, None)]
+    result = prune_mod.sweep(
+        parent, run_info["img_size"],
+        lambda model: classification_metrics(val_labels, _predict(model, val_images), classes)["balanced_accuracy"],
+        sparsities=sparsities, method=cfg.method, align=cfg.align, calibration_batches=calibration_batches,
+        latency_runs=cfg.latency_runs,
+    )
+    atomic_write_json(run_dir / "pruned_sweep.json", result)
+    return result
