@@ -88,6 +88,72 @@ def evaluate(run_dir, data_dir, out):
     console.print(metrics_table(metrics, f"evaluation on {data_dir}"))
 
 
+def _print_json_summary(title: str, values: dict, keys: tuple[str, ...]) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in keys:
+        if key in values:
+            value = values[key]
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--sparsity", type=float, default=0.5, show_default=True, help="Share of expansion channels removed.")
+@click.option("--method", type=click.Choice(["l1", "l2", "fpgm", "taylor"]), default="l1", show_default=True)
+@click.option("--align", type=int, default=8, show_default=True, help="Round channel counts to multiples of this.")
+@click.option("--recover-epochs", type=int, default=6, show_default=True)
+@click.option("--distill/--no-distill", default=True, show_default=True, help="Distil from the unpruned model.")
+@click.option("--require-speedup", is_flag=True, help="Exit 1 when the pruned model is not faster in ONNX Runtime.")
+@click.option("--sweep", is_flag=True, help="Measure accuracy, MACs and latency per stage and sparsity instead.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def prune(run_dir, sparsity, method, align, recover_epochs, distill, require_speedup, sweep, seed):
+    """Prune a fine-tuned RUN_DIR with NNI, recover accuracy, and write RUN_DIR/pruned/."""
+    from edge_tl.prune_stage import PruneConfig, prune_run, sweep_run
+
+    cfg = PruneConfig(sparsity=sparsity, method=method, align=align, recover_epochs=recover_epochs, distill=distill,
+                      require_speedup=require_speedup, seed=seed)
+    if sweep:
+        result = sweep_run(run_dir, cfg)
+        table = Table(title=f"prune sweep ({run_dir}/pruned_sweep.json)")
+        for column in ("configuration", "bal. acc. delta (pt)", "MACs ratio", "latency ratio"):
+            table.add_column(column, justify="right" if column != "configuration" else "left")
+        for row in result["rows"]:
+            table.add_row(row["label"], f"{row['balanced_accuracy_delta']:+.2f}", f"{row['macs_ratio']:.2f}",
+                          f"{row['ort_latency_ratio']:.2f}")
+        console.print(table)
+        console.print(f"recommended: {result.get('recommended')}")
+        return
+    result = prune_run(run_dir, cfg)
+    _print_json_summary(f"pruned model ({result.pruned_dir})", result.metrics,
+                        ("balanced_accuracy", "balanced_accuracy_delta", "escape_rate", "params", "macs",
+                         "macs_ratio", "ort_latency_ms", "parent_ort_latency_ms", "ort_latency_ratio"))
+    if not result.faster_than_parent:
+        err_console.print("warning: the pruned model is not faster than its parent in ONNX Runtime")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--stage", type=click.Choice(["float", "pruned"]), default="float", show_default=True)
+@click.option("--mode", type=click.Choice(["ptq", "qat"]), default="ptq", show_default=True)
+@click.option("--calib-images", type=int, default=256, show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
+@click.option("--qat-epochs", type=int, default=3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def quantize(run_dir, stage, mode, calib_images, method, qat_epochs, seed):
+    """INT8 ranges with NNI (PTQ or QAT) -> RUN_DIR/quantized/STAGE/calibration.json and metrics."""
+    from edge_tl.quantize import QuantizeConfig, quantize as run_quantize
+
+    cfg = QuantizeConfig(stage=stage, mode=mode, calib_images=calib_images, method=method, qat_epochs=qat_epochs,
+                         seed=seed)
+    result = run_quantize(run_dir, cfg)
+    _print_json_summary(f"fake-quantized {stage} model ({result.calibration_path})", result.metrics,
+                        ("balanced_accuracy", "float_balanced_accuracy", "balanced_accuracy_delta", "escape_rate",
+                         "accuracy"))
+
+
 @cli.command()
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Demo directory (default: edge-tl-demo in the system temp folder); replaced on each run.")
