@@ -1,0 +1,59 @@
+"""The prune stage on a small fine-tuned run: RUN_DIR/pruned, reload from spec, CLI gate."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edge_tl.cli import main
+from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint
+from edge_tl.prune import count_macs
+from edge_tl.prune_stage import PruneConfig, load_pruned, load_stage_model, prune_run
+
+IMG = 64
+
+
+@pytest.fixture(scope="module")
+def run_dir(surface_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prune-stage") / "run"
+    finetune(surface_dataset, out, FinetuneConfig(img_size=IMG, epochs=3, augmented_views=1, ok_class="ok"))
+    return out
+
+
+def test_prune_run_writes_spec_weights_and_metrics(run_dir):
+    result = prune_run(run_dir, PruneConfig(sparsity=0.5, recover_epochs=1, latency_runs=5))
+    names = sorted(p.name for p in result.pruned_dir.iterdir())
+    assert names == ["metrics.json", "model.safetensors", "shape.json"]
+    metrics = json.loads((result.pruned_dir / "metrics.json").read_text())
+    for key in ("params", "macs", "parent_macs", "macs_ratio", "ort_latency_ms", "parent_ort_latency_ms",
+                "ort_latency_ratio", "balanced_accuracy_delta", "escape_rate", "confusion_matrix"):
+        assert key in metrics, key
+    parent, _ = load_checkpoint(run_dir)
+    pruned, _ = load_pruned(run_dir)
+    assert metrics["macs"] == count_macs(pruned, IMG) < count_macs(parent, IMG)
+    assert metrics["macs_ratio"] == pytest.approx(metrics["parent_macs"] / metrics["macs"])
+    assert metrics["macs_ratio"] >= 1.3
+    shape = json.loads((result.pruned_dir / "shape.json").read_text())
+    assert shape["backbone"] == "efficientnet_lite0" and shape["img_size"] == IMG
+    assert all(layer.get("out_channels", 8) % 8 == 0 for layer in shape["layers"].values())
+
+    # Reloading from spec plus weights gives the saved model's outputs.
+    x = torch.randn(2, 3, IMG, IMG)
+    again, _ = load_stage_model(run_dir, "pruned")
+    with torch.no_grad():
+        assert torch.equal(pruned(x), again(x))
+
+
+def test_require_speedup_exit_code_matches_measurement(run_dir, capsys):
+    code = main(["prune", str(run_dir), "--recover-epochs", "0", "--require-speedup"])
+    metrics = json.loads((run_dir / "pruned" / "metrics.json").read_text())
+    assert code == (0 if metrics["faster_than_parent"] else 1)
+    if code:
+        assert "not faster" in capsys.readouterr().err
+
+
+def test_bad_prune_settings_are_errors(run_dir, capsys):
+    assert main(["prune", str(run_dir), "--sparsity", "1.5"]) == 2
+    assert "--sparsity" in capsys.readouterr().err
+    assert main(["prune", str(run_dir.parent / "nothing")]) == 2
