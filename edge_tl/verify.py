@@ -202,7 +202,7 @@ def verify(
     ``passed`` false, not an exception: call :func:`check_gate` to raise it.
     """
     from edge_tl.runners.torch_runner import TorchRunner
-    from export.stage import load_stage_model
+    from edge_tl.prune_stage import load_stage_model
 
     _check_limits(max_drop, max_escape_rise, batch_size)
     run_dir, artifact = Path(run_dir), Path(artifact)

@@ -37,6 +37,7 @@ from torch import nn
 from calibrate.calibration_file import Calibration, read_calibration
 from edge_tl.artifacts import atomic_write_json, load_weights, read_json, sha256_file
 from edge_tl.errors import ArtifactError, ConfigError
+from edge_tl.prune_stage import load_stage_model
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +119,6 @@ def _check_run(run_dir: Path, cfg: ExportConfig) -> None:
         from export.tensorrt_compat import import_tensorrt, plan_build
 
         plan_build(import_tensorrt().__version__, cfg.precision, "qdq", cfg.dla_core)
-
-
-def load_stage_model(run_dir: str | os.PathLike, stage: str) -> tuple[nn.Module, dict]:
-    """The float model of ``stage``: the fine-tuned checkpoint, or the pruned model of RUN_DIR/pruned."""
-    run_dir = Path(run_dir)
-    if stage not in STAGES:
-        raise ConfigError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
-    if stage == "float":
-        from edge_tl.finetune import load_checkpoint
-
-        return load_checkpoint(run_dir)
-    if not (run_dir / "pruned").is_dir():
-        raise ArtifactError(f"{run_dir / 'pruned'} does not exist; run `edge-tl prune {run_dir}` first")
-    from edge_tl.prune import load_pruned  # imports NNI: only when the pruned stage is asked for
-
-    return load_pruned(run_dir)
 
 
 def load_int8_model(run_dir: str | os.PathLike, stage: str, model: nn.Module, img_size: int

@@ -13,10 +13,11 @@ import torch
 from calibrate.calibration_file import CalibrationTensor, write_calibration
 from calibrate.observe import collect_calibration
 from calibrate.sources import ClassBalancedSource
-from edge_tl.artifacts import read_json, sha256_file
+from edge_tl.artifacts import atomic_write_json, read_json, save_weights, sha256_file
 from edge_tl.errors import AccuracyRegressionError, ArtifactError, ConfigError, DatasetError
-from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint, run_records
+from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint, predict_logits, run_records
 from edge_tl.fold import fold_batchnorm
+from edge_tl.metrics import classification_metrics
 from edge_tl.verify import check_gate, compare, verify
 from export.onnx_export import set_metadata
 from export.stage import ExportConfig, export_artifact
@@ -131,6 +132,59 @@ def test_static_batch_artifact_is_fed_one_image_at_a_time(run_dir, tmp_path_fact
     assert manifest["dynamic_batch"] is False
     result = verify(run, manifest["path"], batch_size=3)
     assert result["num_samples"] == 8 and result["top1_agreement"] == 1.0 and result["max_abs_diff"] <= 1e-4
+
+
+def _write_slim_pruned(run, block: int = 2, keep: int = 48):
+    """RUN_DIR/pruned as the prune stage writes it: one block's expansion channels cut to ``keep``."""
+    model, _ = load_checkpoint(run)
+    state = dict(model.state_dict())
+    body = f"trunk.blocks.{block}.body"
+    for layer in (0, 1, 3, 4):
+        for key in [k for k in state if k.startswith(f"{body}.{layer}.") and state[k].dim() > 0]:
+            state[key] = state[key][:keep].clone()
+    state[f"{body}.6.weight"] = state[f"{body}.6.weight"][:, :keep].clone()
+    expand = model.get_submodule(f"{body}.0")
+    layers = {
+        f"{body}.0": {"type": "Conv2d", "in_channels": expand.in_channels, "out_channels": keep, "groups": 1},
+        f"{body}.1": {"type": "BatchNorm2d", "num_features": keep},
+        f"{body}.3": {"type": "Conv2d", "in_channels": keep, "out_channels": keep, "groups": keep},
+        f"{body}.4": {"type": "BatchNorm2d", "num_features": keep},
+        f"{body}.6": {"type": "Conv2d", "in_channels": keep, "out_channels": model.get_submodule(f"{body}.6").out_channels,
+                      "groups": 1},
+    }
+    save_weights(run / "pruned" / "model.safetensors", state, {"stage": "pruned"})
+    atomic_write_json(run / "pruned" / "shape.json", {"format": "edge-tl-shape-spec/1", "layers": layers})
+    from edge_tl.prune_stage import load_pruned
+
+    return load_pruned(run)[0]
+
+
+def test_pruned_stage_is_verified_against_the_pruned_model(run_dir, tmp_path_factory):
+    run = _copy_run(run_dir, tmp_path_factory, "pruned")
+    pruned = _write_slim_pruned(run)
+    model, run_info = load_checkpoint(run)
+    val = run_records(run_info, "val")
+    pruned_logits = predict_logits(pruned, val, PX, run_info["mean"], run_info["std"])
+    float_logits = predict_logits(model, val, PX, run_info["mean"], run_info["std"])
+    assert np.abs(pruned_logits - float_logits).max() > 0.05  # a float reference would show up below
+
+    fp32 = export_artifact(run, ExportConfig(stage="pruned"))
+    assert fp32["path"] == str(run / "export" / "model.pruned.fp32.onnx") and fp32["max_abs_diff"] <= 1e-4
+    result = verify(run, fp32["path"])
+    assert result["stage"] == "pruned" and result["top1_agreement"] == 1.0 and result["max_abs_diff"] <= 1e-4
+    labels = [record.label for record in val]
+    expected = classification_metrics(labels, pruned_logits.argmax(1), run_info["classes"])["balanced_accuracy"]
+    assert result["float_balanced_accuracy"] == pytest.approx(expected, abs=1e-12) and result["passed"] is True
+
+    source = ClassBalancedSource(run_records(run_info, "train"), 64, PX, run_info["mean"], run_info["std"],
+                                 batch_size=16, min_images=1)
+    calibration = collect_calibration(fold_batchnorm(pruned), source, model_info={"stage": "pruned", "img_size": PX})
+    write_calibration(run / "quantized" / "pruned" / "calibration.json", calibration)
+    int8 = export_artifact(run, ExportConfig(stage="pruned", precision="int8"))
+    assert int8["path"] == str(run / "export" / "model.pruned.int8.onnx") and int8["calibration"]["path"] == (
+        "quantized/pruned/calibration.json")
+    result = verify(run, int8["path"])
+    assert result["stage"] == "pruned" and result["precision"] == "int8" and result["top1_agreement"] >= 0.75
 
 
 def _with_metadata(source, target, **changes):
