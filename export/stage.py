@@ -111,26 +111,19 @@ def _check_run(run_dir: Path, cfg: ExportConfig) -> None:
         raise ArtifactError(f"{run_dir} is not a run directory (no run.json); run `edge-tl finetune DATA_DIR --out {run_dir}` first")
     if cfg.stage == "pruned" and not (run_dir / "pruned").is_dir():
         raise ArtifactError(f"{run_dir / 'pruned'} does not exist; run `edge-tl prune {run_dir}` first or export --stage float")
-    if cfg.precision == "int8" and not calibration_path(run_dir, cfg.stage).is_file():
-        raise ArtifactError(
-            f"INT8 export needs {calibration_path(run_dir, cfg.stage)}; run `edge-tl quantize {run_dir} --stage {cfg.stage}` first"
-        )
+    if cfg.precision == "int8":
+        _checked_calibration(run_dir, cfg.stage, int(read_json(run_dir / "run.json")["img_size"]))
     if cfg.format == "engine":
         from export.tensorrt_compat import import_tensorrt, plan_build
 
         plan_build(import_tensorrt().__version__, cfg.precision, "qdq", cfg.dla_core)
 
 
-def load_int8_model(run_dir: str | os.PathLike, stage: str, model: nn.Module, img_size: int
-                    ) -> tuple[nn.Module, Calibration, dict[str, Any]]:
-    """(model to quantize, calibration, calibration facts for the manifest) of RUN_DIR/quantized/<stage>.
-
-    The model is ``model`` BN-folded, with the QAT weights of ``quantized/<stage>/model.safetensors``
-    when the quantize run was QAT (calibration.json's module names and ranges refer to those weights).
-    """
-    from edge_tl.fold import fold_batchnorm
-
+def _checked_calibration(run_dir: Path, stage: str, img_size: int) -> tuple[Calibration, Path | None]:
+    """calibration.json of ``stage`` and the QAT weights beside it (None after PTQ), checked against the run."""
     path = calibration_path(run_dir, stage)
+    if not path.is_file():
+        raise ArtifactError(f"INT8 export needs {path}; run `edge-tl quantize {run_dir} --stage {stage}` first")
     calibration = read_calibration(path)
     recorded_stage, recorded_size = calibration.model.get("stage"), calibration.model.get("img_size")
     if recorded_stage not in (None, stage):
@@ -143,13 +136,28 @@ def load_int8_model(run_dir: str | os.PathLike, stage: str, model: nn.Module, im
         raise ArtifactError(f"{path} comes from QAT but {weights_path} is missing; rerun `edge-tl quantize --mode qat`")
     if mode == "ptq" and weights_path.is_file():
         raise ArtifactError(f"{weights_path} is left from an older QAT run but {path} is PTQ; delete it or rerun `edge-tl quantize`")
+    return calibration, weights_path if weights_path.is_file() else None
+
+
+def load_int8_model(run_dir: str | os.PathLike, stage: str, model: nn.Module, img_size: int
+                    ) -> tuple[nn.Module, Calibration, dict[str, Any]]:
+    """(model to quantize, calibration, calibration facts for the manifest) of RUN_DIR/quantized/<stage>.
+
+    The model is ``model`` BN-folded, with the QAT weights of ``quantized/<stage>/model.safetensors``
+    when the quantize run was QAT (calibration.json's module names and ranges refer to those weights).
+    """
+    from edge_tl.fold import fold_batchnorm
+
+    run_dir = Path(run_dir)
+    calibration, weights_path = _checked_calibration(run_dir, stage, img_size)
+    path = calibration_path(run_dir, stage)
     folded = fold_batchnorm(model)
     facts: dict[str, Any] = {
         "path": path.relative_to(run_dir).as_posix(), "sha256": sha256_file(path), "method": calibration.method,
-        "calibration_files_hash": calibration.calibration_files_hash, "mode": mode,
-        "weights": "qat" if weights_path.is_file() else "stage",
+        "calibration_files_hash": calibration.calibration_files_hash, "mode": calibration.model.get("mode"),
+        "weights": "qat" if weights_path is not None else "stage",
     }
-    if weights_path.is_file():
+    if weights_path is not None:
         try:
             folded.load_state_dict(load_weights(weights_path), strict=True)
         except RuntimeError as err:
