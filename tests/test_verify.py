@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from calibrate.calibration_file import CalibrationTensor, write_calibration
+from calibrate.calibration_file import CalibrationTensor, read_calibration, write_calibration
 from calibrate.observe import collect_calibration
 from calibrate.sources import ClassBalancedSource
 from edge_tl.artifacts import atomic_write_json, read_json, save_weights, sha256_file
@@ -72,8 +72,6 @@ def bad_int8(run_dir, tmp_path_factory):
     """INT8 from absurd ranges: every activation range shrunk 1000x, so nearly everything saturates."""
     run = _copy_run(run_dir, tmp_path_factory, "bad_int8")
     path = run / "quantized" / "float" / "calibration.json"
-    from calibrate.calibration_file import read_calibration
-
     calibration = read_calibration(path)
     shrunk = tuple(
         CalibrationTensor.activation(t.module, t.role, t.min * 1e-3, t.max * 1e-3) if t.kind == "activation" else t
