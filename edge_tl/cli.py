@@ -154,6 +154,48 @@ def quantize(run_dir, stage, mode, calib_images, method, qat_epochs, seed):
                          "accuracy"))
 
 
+@cli.command(name="export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "engine"]), default="onnx", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--stage", type=click.Choice(["float", "pruned"]), default="float", show_default=True)
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--dynamic-batch/--static-batch", default=True, show_default=True)
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="INT8 ONNX flavour: uint8 activations for ONNX Runtime, int8 Q/DQ for TensorRT.")
+@click.option("--dla-core", type=int, default=None, help="Jetson DLA core for engines (GPU fallback on).")
+@click.option("--workspace", "workspace_mb", type=int, default=1024, show_default=True, help="Builder workspace, MB.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None)
+def export_command(run_dir, fmt, precision, stage, opset, dynamic_batch, target, dla_core, workspace_mb, timing_cache):
+    """Export a run's float or pruned model to ONNX (fp32/fp16/int8 Q/DQ) or a TensorRT engine."""
+    from export.stage import ExportConfig, export_artifact
+
+    cfg = ExportConfig(format=fmt, precision=precision, stage=stage, opset=opset, dynamic_batch=dynamic_batch,
+                       target=target, dla_core=dla_core, workspace_mb=workspace_mb,
+                       timing_cache=str(timing_cache) if timing_cache else None)
+    manifest = export_artifact(run_dir, cfg)
+    _print_json_summary(f"exported {manifest['path']}", manifest, ("size_bytes", "max_abs_diff", "top1_agreement",
+                                                                   "opset", "sha256"))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Verify on this folder instead of the run's validation split.")
+@click.option("--max-drop", type=float, default=1.0, show_default=True, help="Allowed balanced-accuracy drop, points.")
+@click.option("--max-escape-rise", type=float, default=0.0, show_default=True, help="Allowed escape-rate rise, points.")
+def verify(run_dir, artifact, data_dir, max_drop, max_escape_rise):
+    """Check an exported ARTIFACT against the float model of its stage; exit 1 when the gate fails."""
+    from edge_tl.verify import check_gate, verify as run_verify
+
+    result = run_verify(run_dir, artifact, data_dir, max_drop=max_drop, max_escape_rise=max_escape_rise)
+    _print_json_summary(f"verify {Path(artifact).name}", result,
+                        ("num_samples", "top1_agreement", "max_abs_diff", "mean_abs_diff", "balanced_accuracy",
+                         "float_balanced_accuracy", "balanced_accuracy_delta", "escape_rate_delta", "passed"))
+    check_gate(result)
+
+
 @cli.command()
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Demo directory (default: edge-tl-demo in the system temp folder); replaced on each run.")
