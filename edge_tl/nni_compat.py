@@ -151,6 +151,9 @@ def speedup(model: nn.Module, dummy_input: torch.Tensor, masks: dict) -> nn.Modu
 # =================================================================================================
 
 
+from nni.compression.base.wrapper import ModuleWrapper  # noqa: E402  (NNI already imported above)
+
+
 def traced_optimizer(optimizer_cls: type, params, **kwargs) -> torch.optim.Optimizer:
     """An ``nni.trace``d optimizer: TorchEvaluator asserts traceable optimizers even for PTQ,
     which never steps one, and rebuilds it for the wrapped model from the recorded arguments."""
@@ -230,3 +233,17 @@ def quiet_qat_backward() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"'saved_variables' is deprecated", category=DeprecationWarning)
         yield
+
+
+def train_wrappers_only(model: nn.Module) -> None:
+    """Put ``model`` in eval mode except NNI's wrappers.
+
+    QATQuantizer tracks ranges and updates scales only while a wrapper is in training mode, but
+    the model itself must keep eval behaviour during QAT: BatchNorm is folded (or neutralised and
+    must not normalise with batch statistics) and dropout or stochastic depth would only add noise.
+    Wrappers are children of the modules they wrap (attribute ``_nni_wrapper``).
+    """
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, ModuleWrapper):
+            module.training = True

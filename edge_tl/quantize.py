@@ -59,6 +59,8 @@ _NNI_TARGETS = {"input": "_input_0", "weight": "weight", "output": "_output_0"}
 _ROLES = {target: role for role, target in _NNI_TARGETS.items()}
 _ACTIVATION_SETTING = {"quant_dtype": "uint8", "quant_scheme": "affine"}
 _WEIGHT_SETTING = {"quant_dtype": "int8", "quant_scheme": "symmetric", "granularity": "out_channel"}
+DISTILL_TEMPERATURE = 2.0
+QAT_PATIENCE_EPOCHS = 2
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,9 @@ def nni_config_list(plan: dict[str, tuple[str, ...]]) -> list[dict]:
     return configs
 
 
-def _images_tensor(records, img_size: int, mean, std, rng: np.random.Generator | None = None) -> torch.Tensor:
-    return torch.from_numpy(data_mod.load_tensor_batch(records, img_size, mean, std, rng))
+def _images_tensor(records, img_size: int, mean, std) -> torch.Tensor:
+    """The inference transform of every record, as one float32 NCHW tensor."""
+    return torch.from_numpy(data_mod.load_tensor_batch(records, img_size, mean, std))
 
 
 @torch.no_grad()
@@ -217,7 +220,8 @@ def _calibrate(folded: nn.Module, plan, source: ClassBalancedSource, cfg: Quanti
             extra = {}
         else:
             observer = observers[(module_name, target_name)]
-            low, high = observer.compute(cfg.method, cfg.percentile)
+            # float32 like NNI's tracked ranges, so QAT (which keeps ranges in float32) starts from these exact numbers
+            low, high = (float(np.float32(v)) for v in observer.compute(cfg.method, cfg.percentile))
             extra = {"observed_min": observer.min_value, "observed_max": observer.max_value}
         tensors.append(CalibrationTensor.activation(module_name, role, low, high, **extra))
     apply_calibration(quantizer, tensors)
@@ -240,35 +244,54 @@ def apply_calibration(quantizer, tensors: list[CalibrationTensor], with_ranges: 
 
 
 class _QatLoop:
-    """NNI training function for QAT: augmented training epochs, keep the best validation epoch."""
+    """NNI training function for QAT: augmented epochs, keep the best validation epoch (PTQ is epoch 0).
 
-    def __init__(self, train_images: list, train_labels: np.ndarray, val_images: torch.Tensor,
-                 val_labels: np.ndarray, run_info: dict, cfg: QuantizeConfig, start_balanced_accuracy: float):
+    The loss is class-weighted cross-entropy plus distillation (temperature-scaled KL) from the
+    float model of the same stage: with few training images, matching the float model's outputs
+    recovers its behaviour more reliably than the labels alone.
+    """
+
+    def __init__(self, teacher: nn.Module, train_images: list, train_labels: np.ndarray, val_images: torch.Tensor,
+                 val_labels: np.ndarray, run_info: dict, cfg: QuantizeConfig):
+        self.teacher = teacher.eval()
         self.train_images, self.val_images, self.val_labels = train_images, val_images, val_labels
         self.targets = torch.from_numpy(train_labels)
         self.loss_weights = torch.from_numpy(data_mod.class_weights(train_labels, len(run_info["classes"])))
         self.run_info, self.cfg = run_info, cfg
-        self.history = [{"epoch": 0, "val_balanced_accuracy": start_balanced_accuracy}]
-        self.best = (start_balanced_accuracy, 0)
+        with torch.no_grad():
+            self.val_teacher = F.log_softmax(torch.from_numpy(_predict(teacher, val_images)), dim=1)
+        self.history: list[dict] = []
+        self.best: tuple = ()
         self.best_state: dict | None = None
 
     def training_step(self, batch, model):
         images, labels = batch
-        return F.cross_entropy(model(images), labels, weight=self.loss_weights)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels, weight=self.loss_weights)
+        with torch.no_grad():
+            target = F.softmax(self.teacher(images) / DISTILL_TEMPERATURE, dim=1)
+        distill = F.kl_div(F.log_softmax(logits / DISTILL_TEMPERATURE, dim=1), target, reduction="batchmean")
+        return loss + DISTILL_TEMPERATURE ** 2 * distill
 
-    def _balanced_accuracy(self, model: nn.Module) -> float:
-        predictions = _predict(model, self.val_images).argmax(1)
-        return classification_metrics(self.val_labels, predictions, self.run_info["classes"])["balanced_accuracy"]
+    def _validate(self, model: nn.Module, epoch: int) -> bool:
+        """Record the epoch; True when it is the best so far: balanced accuracy, then closeness to float."""
+        logits = torch.from_numpy(_predict(model, self.val_images))
+        balanced = classification_metrics(self.val_labels, logits.argmax(1).numpy(), self.run_info["classes"])["balanced_accuracy"]
+        divergence = float(F.kl_div(F.log_softmax(logits, dim=1), self.val_teacher, reduction="batchmean", log_target=True))
+        self.history.append({"epoch": epoch, "val_balanced_accuracy": balanced, "val_kl_to_float": divergence})
+        log.info("QAT epoch %d: validation balanced accuracy %.4f, KL to float %.5f", epoch, balanced, divergence)
+        if self.best and (balanced, -divergence) <= self.best[:2]:
+            return False
+        self.best = (balanced, -divergence, epoch)
+        self.best_state = copy.deepcopy(model.state_dict())
+        return True
 
     def __call__(self, model, optimizer, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
         rng = np.random.default_rng(self.cfg.seed)
-        self.best_state = copy.deepcopy(model.state_dict())
+        self._validate(model, 0)  # the PTQ starting point
         stale = 0
         for epoch in range(1, (max_epochs or self.cfg.qat_epochs) + 1):
-            model.train()
-            for module in model.modules():  # folded or neutralised BN must never use batch statistics
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            nni_compat.train_wrappers_only(model)  # BN statistics stay frozen; no dropout/stochastic depth
             for index in np.array_split(rng.permutation(len(self.train_images)),
                                         max(1, -(-len(self.train_images) // self.cfg.batch_size))):
                 batch = np.stack([data_mod.normalize(data_mod.augment(self.train_images[i], rng),
@@ -277,29 +300,21 @@ class _QatLoop:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            balanced = self._balanced_accuracy(model)
-            self.history.append({"epoch": epoch, "val_balanced_accuracy": balanced})
-            log.info("QAT epoch %d: validation balanced accuracy %.4f", epoch, balanced)
-            if balanced > self.best[0]:
-                self.best, stale = (balanced, epoch), 0
-                self.best_state = copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-                if stale >= 2:
-                    log.info("QAT early stop after epoch %d (best epoch %d)", epoch, self.best[1])
-                    break
+            stale = 0 if self._validate(model, epoch) else stale + 1
+            if stale >= QAT_PATIENCE_EPOCHS:
+                log.info("QAT early stop after epoch %d (best epoch %d)", epoch, self.best[2])
+                break
         model.load_state_dict(self.best_state)
         model.eval()
 
 
-def _qat(folded: nn.Module, plan, ptq_tensors, run_info: dict, val_images, val_labels, ptq_balanced: float,
-         cfg: QuantizeConfig) -> tuple[list[CalibrationTensor], list[dict]]:
-    """NNI QAT from the PTQ ranges; ``folded`` ends unwrapped with the tuned weights."""
+def _qat(folded: nn.Module, teacher: nn.Module, plan, ptq_tensors, run_info: dict, val_images, val_labels,
+         cfg: QuantizeConfig) -> tuple[QATQuantizer, list[CalibrationTensor], list[dict]]:
+    """NNI QAT of (unwrapped) ``folded`` from the PTQ ranges; returns the wrapped quantizer, tensors, history."""
     train = run_records(run_info, "train")
     size = run_info["img_size"]
     train_images = [data_mod.resize_image(data_mod.load_image(r.path), size) for r in train]
-    loop = _QatLoop(train_images, np.array([r.label for r in train]), val_images, val_labels, run_info, cfg,
-                    ptq_balanced)
+    loop = _QatLoop(teacher, train_images, np.array([r.label for r in train]), val_images, val_labels, run_info, cfg)
     torch.manual_seed(cfg.seed)
     optimizer = nni_compat.traced_optimizer(torch.optim.Adam, folded.parameters(), lr=cfg.qat_lr)
     evaluator = nni_compat.TorchEvaluator(loop, optimizer, loop.training_step)
@@ -332,25 +347,37 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     source = ClassBalancedSource(run_records(run_info, "train"), cfg.calib_images, size, mean, std,
                                  batch_size=cfg.batch_size, seed=cfg.seed, input_name=INPUT_NAME)
     val_images, val_labels = _images_tensor(val, size, mean, std), np.array([r.label for r in val])
-    ok_class = run_info.get("ok_class")
-    float_metrics = classification_metrics(val_labels, _predict(model, val_images).argmax(1), classes, ok_class)
 
+    def evaluate(net: nn.Module) -> dict:
+        return classification_metrics(val_labels, _predict(net, val_images).argmax(1), classes, run_info.get("ok_class"))
+
+    float_metrics = evaluate(model)
     folded = fold_batchnorm(model)
     plan = quantization_plan(folded)
     torch.manual_seed(cfg.seed)
     quantizer, tensors = _calibrate(folded, plan, source, cfg)
-    logits = _predict(folded, val_images)
-    ptq_metrics = classification_metrics(val_labels, logits.argmax(1), classes, ok_class)
-    history = None
+    metrics = evaluate(folded)
+    extra = {"ptq_balanced_accuracy": metrics["balanced_accuracy"]}
     if cfg.mode == "qat":
         quantizer.unwrap_model()
-        quantizer, tensors, history = _qat(folded, plan, tensors, run_info, val_images, val_labels,
-                                           ptq_metrics["balanced_accuracy"], cfg)
-        logits = _predict(folded, val_images)
-    metrics = classification_metrics(val_labels, logits.argmax(1), classes, ok_class)
+        quantizer, tensors, extra["qat_history"] = _qat(folded, model, plan, tensors, run_info, val_images,
+                                                        val_labels, cfg)
+        metrics = evaluate(folded)
     quantizer.unwrap_model()
+    metrics.update({
+        "stage": cfg.stage, "mode": cfg.mode, "method": cfg.method, "calib_images": len(source),
+        "float_balanced_accuracy": float_metrics["balanced_accuracy"],
+        "balanced_accuracy_delta": 100.0 * (metrics["balanced_accuracy"] - float_metrics["balanced_accuracy"]),
+        **({"percentile": cfg.percentile} if cfg.method == "percentile" else {}), **extra,
+    })
+    log.info("%s %s: balanced accuracy %.4f (float %.4f, delta %+.2f points)", cfg.stage, cfg.mode,
+             metrics["balanced_accuracy"], float_metrics["balanced_accuracy"], metrics["balanced_accuracy_delta"])
+    return _write_outputs(quantized_dir(run_dir, cfg.stage), cfg, run_info, source, tensors, folded, metrics)
 
-    out = quantized_dir(run_dir, cfg.stage)
+
+def _write_outputs(out: Path, cfg: QuantizeConfig, run_info: dict, source: ClassBalancedSource, tensors,
+                   folded: nn.Module, metrics: dict) -> QuantizeResult:
+    """calibration.json, the QAT weights (or removal of stale ones), then metrics.json as the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)  # the manifest goes first and comes back last
     weights_path = out / "model.safetensors"
@@ -359,29 +386,19 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     else:
         weights_path.unlink(missing_ok=True)  # stale QAT weights would not match the new ranges
     calibration = Calibration(
-        model={"stage": cfg.stage, "img_size": size, "input_name": INPUT_NAME, "backbone": run_info["backbone"],
-               "mode": cfg.mode},
+        model={"stage": cfg.stage, "img_size": run_info["img_size"], "input_name": INPUT_NAME,
+               "backbone": run_info["backbone"], "mode": cfg.mode},
         method=cfg.method, calibration_files_hash=source.file_list_hash(root=run_info["data_dir"]),
         tensors=tuple(tensors),
     )
     write_calibration(out / "calibration.json", calibration)
-    metrics.update({
-        "stage": cfg.stage, "mode": cfg.mode, "method": cfg.method, "calib_images": len(source),
-        "float_balanced_accuracy": float_metrics["balanced_accuracy"],
-        "balanced_accuracy_delta": 100.0 * (metrics["balanced_accuracy"] - float_metrics["balanced_accuracy"]),
-        "ptq_balanced_accuracy": ptq_metrics["balanced_accuracy"],
-        "calibration_files_hash": calibration.calibration_files_hash,
+    files = [name for name in ("calibration.json", "model.safetensors") if (out / name).is_file()]
+    metrics = {
+        **metrics, "calibration_files_hash": calibration.calibration_files_hash,
         "calibration_files": [_relative(path, run_info["data_dir"]) for path in source.paths],
-        "files": {"calibration.json": sha256_file(out / "calibration.json")},
-    })
-    if cfg.method == "percentile":
-        metrics["percentile"] = cfg.percentile
-    if history is not None:
-        metrics["qat_history"] = history
-        metrics["files"]["model.safetensors"] = sha256_file(weights_path)
+        "files": {name: sha256_file(out / name) for name in files},
+    }
     atomic_write_json(out / "metrics.json", metrics)
-    log.info("%s %s: balanced accuracy %.4f (float %.4f, delta %+.2f points)", cfg.stage, cfg.mode,
-             metrics["balanced_accuracy"], float_metrics["balanced_accuracy"], metrics["balanced_accuracy_delta"])
     return QuantizeResult(out / "calibration.json", metrics, weights_path if cfg.mode == "qat" else None)
 
 
@@ -404,6 +421,10 @@ def load_quantized_model(run_dir: str | Path, stage: str = "float") -> tuple[nn.
     if not (out / "metrics.json").is_file():
         raise ArtifactError(f"{out} holds no finished quantize run; run `edge-tl quantize {run_dir} --stage {stage}` first")
     manifest = read_json(out / "metrics.json")
+    for name, digest in manifest.get("files", {}).items():
+        if not (out / name).is_file() or sha256_file(out / name) != digest:
+            raise ArtifactError(f"{out / name} is missing or changed since quantize wrote it; "
+                                f"rerun `edge-tl quantize {run_dir} --stage {stage}`")
     calibration = read_calibration(out / "calibration.json")
     model, run_info = load_stage_model(run_dir, stage)
     folded = fold_batchnorm(model)
