@@ -44,16 +44,18 @@ class FinetuneConfig:
 
     backbone: str = "efficientnet_lite0"
     img_size: int | None = None
-    epochs: int = 40
+    epochs: int = 30
     unfreeze: int = 0
     ok_class: str | None = None
     seed: int = 0
     val_fraction: float = 0.2
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-3
     unfreeze_lr_ratio: float = 0.1
     weight_decay: float = 1e-4
-    label_smoothing: float = 0.05
+    label_smoothing: float = 0.0
+    head_l2: float = 1e-3
+    lbfgs_iterations: int = 10
     augmented_views: int = 4
     patience: int = 10
     cache_features: bool = True
@@ -182,19 +184,67 @@ def predict_logits(model: nn.Module, records, img_size: int, spec_mean, spec_std
     return np.concatenate(outputs)
 
 
-def _loss_fn(labels: np.ndarray, num_classes: int, cfg: FinetuneConfig) -> nn.Module:
-    weights = torch.as_tensor(data_mod.class_weights(labels, num_classes), dtype=torch.float32)
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
-
-
 def _balanced_accuracy_of(logits: np.ndarray, labels: np.ndarray, classes) -> float:
     return classification_metrics(labels, logits.argmax(1), classes)["balanced_accuracy"]
+
+
+class _Standardize(nn.Module):
+    """Fixed per-feature standardisation in front of the head; folded into the head after training."""
+
+    def __init__(self, features: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", features.mean(0))
+        self.register_buffer("std", features.std(0) + 1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@torch.no_grad()
+def fold_standardization(head: nn.Linear, standardize: _Standardize) -> None:
+    """head(standardize(x)) == head'(x): the deployed head stays one plain nn.Linear."""
+    weight = head.weight / standardize.std
+    head.bias.sub_((weight * standardize.mean).sum(1))
+    head.weight.copy_(weight)
+
+
+def _pooled(tail: _TrainableTail, cached: torch.Tensor) -> torch.Tensor:
+    if not tail.unfreeze:
+        return cached
+    return torch.cat([tail.pool(tail.blocks(chunk.float())) for chunk in torch.split(cached, 128)])
+
+
+@torch.no_grad()
+def _plain_trunk_features(model: nn.Module, records, img_size: int, spec: BackboneSpec) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([
+        model.trunk(torch.from_numpy(data_mod.load_tensor_batch(chunk, img_size, spec.mean, spec.std))).numpy()
+        for chunk in _batched(list(records), 32)
+    ]))
+
+
+def _lbfgs_epoch(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                 cfg: FinetuneConfig, optimizer: torch.optim.LBFGS) -> float:
+    """One epoch of full-batch L-BFGS on the standardised cached features (class-weighted, L2)."""
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(head(features), targets, weight=weights,
+                                           label_smoothing=cfg.label_smoothing)
+        loss = loss + cfg.head_l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    return optimizer.step(closure).item()
 
 
 def train_head(model: nn.Module, train_records, val_records, classes, spec: BackboneSpec, img_size: int,
                cfg: FinetuneConfig) -> tuple[list[dict], float]:
     """Train the head (and the last ``cfg.unfreeze`` blocks); restore the best epoch in place.
 
+    Cached with a frozen trunk, the head is a class-weighted, L2-regularised logistic regression
+    on standardised features, fitted by full-batch L-BFGS over every cached view (an epoch is a
+    fixed number of L-BFGS iterations). Uncached, or with unfrozen blocks, training is minibatch
+    AdamW; with unfrozen blocks the head starts from that L-BFGS fit (linear probe, then fine-tune).
     Returns the per-epoch history and the mean seconds per training epoch (excluding caching).
     """
     torch.manual_seed(cfg.seed)
@@ -202,53 +252,86 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
     trunk_params = freeze_trunk(model, cfg.unfreeze)
     train_labels = np.array([r.label for r in train_records])
     val_labels = np.array([r.label for r in val_records])
-    loss_fn = _loss_fn(train_labels, len(classes), cfg)
-    groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
-    if trunk_params:
-        groups.append({"params": trunk_params, "lr": cfg.lr * cfg.unfreeze_lr_ratio})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-
+    targets = torch.from_numpy(train_labels)
+    class_weight = torch.as_tensor(data_mod.class_weights(train_labels, len(classes)), dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=cfg.label_smoothing)
     tail = _TrainableTail(model, cfg.unfreeze)
+    views = cfg.augmented_views + 1
+
+    full_batch = cfg.unfreeze == 0
+    prefix = frozen_prefix(model, cfg.unfreeze)
+
+    def train_features(epoch: int) -> torch.Tensor:
+        """Pooled features of every view of every training image: (views, N, D)."""
+        computed = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed + epoch)
+        with torch.no_grad():
+            return computed if not cfg.unfreeze else torch.stack([_pooled(tail, view) for view in computed])
+
     if cfg.cache_features:
-        prefix = frozen_prefix(model, cfg.unfreeze)
         train_cache = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed)
         val_cache = cache_features(prefix, val_records, img_size, spec, 0, cfg.seed,
                                    description="caching validation features")[0]
+        with torch.no_grad():
+            pooled = torch.stack([_pooled(tail, view) for view in train_cache])
+    else:
+        pooled = None
+    standardize = _Standardize(pooled[0] if pooled is not None
+                               else _plain_trunk_features(model, train_records, img_size, spec))
+    head_net = nn.Sequential(standardize, model.head)
+    probe_targets = targets.repeat(views)
+    lbfgs = torch.optim.LBFGS(model.head.parameters(), lr=1.0, max_iter=cfg.lbfgs_iterations,
+                              history_size=20, line_search_fn="strong_wolfe")
+
+    def probe_inputs(features: torch.Tensor) -> torch.Tensor:
+        return standardize(features.reshape(-1, features.shape[-1]))
+
+    if cfg.unfreeze and cfg.cache_features:  # linear probe first, then fine-tune the unfrozen blocks
+        for _ in range(cfg.epochs):
+            _lbfgs_epoch(model.head, probe_inputs(pooled), probe_targets, class_weight, cfg, lbfgs)
+    if not full_batch:
+        groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
+        if trunk_params:
+            groups.append({"params": trunk_params, "lr": cfg.lr * cfg.unfreeze_lr_ratio})
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+
+    def val_logits() -> np.ndarray:
+        model.eval()
+        with torch.inference_mode():
+            if cfg.cache_features:
+                return torch.cat([head_net(_pooled(tail, chunk)) for chunk in torch.split(val_cache, 256)]).numpy()
+            features = _plain_trunk_features(model, val_records, img_size, spec)
+            return head_net(features).numpy()
 
     history, best_state, best_key, stale, epoch_seconds = [], None, None, 0, []
-    targets = torch.from_numpy(train_labels)
     with progress_bar("training head", total=cfg.epochs) as advance:
         for epoch in range(cfg.epochs):
             start = time.perf_counter()
             set_train_mode(model)
-            order = rng.permutation(len(train_records))
-            losses = []
-            for idx in _batched(order, cfg.batch_size):
-                if cfg.cache_features:
-                    view = torch.from_numpy(rng.integers(0, cfg.augmented_views + 1, size=len(idx)))
-                    inputs = train_cache[view, torch.from_numpy(idx)]
-                    logits = tail(inputs)
-                else:
-                    batch = np.stack([_image_views(train_records[i], img_size, spec, 1, rng)[1] for i in idx])
-                    logits = model(torch.from_numpy(batch))
-                loss = loss_fn(logits, targets[idx])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            scheduler.step()
+            if full_batch:
+                if not cfg.cache_features:  # without the cache, the trunk runs again every epoch
+                    pooled = train_features(epoch)
+                losses = [_lbfgs_epoch(model.head, probe_inputs(pooled), probe_targets, class_weight, cfg, lbfgs)]
+            else:
+                losses = []
+                for idx in _batched(rng.permutation(len(train_records)), cfg.batch_size):
+                    if cfg.cache_features:
+                        view = torch.from_numpy(rng.integers(0, views, size=len(idx)))
+                        features = _pooled(tail, train_cache[view, torch.from_numpy(idx)])
+                    else:
+                        batch = np.stack([_image_views(train_records[i], img_size, spec, 1, rng)[1] for i in idx])
+                        features = model.trunk(torch.from_numpy(batch))
+                    loss = loss_fn(head_net(features), targets[idx])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.item())
+                scheduler.step()
             epoch_seconds.append(time.perf_counter() - start)
 
-            model.eval()
-            with torch.inference_mode():
-                if cfg.cache_features:
-                    val_logits = torch.cat([tail(chunk) for chunk in torch.split(val_cache, 256)]).numpy()
-                else:
-                    val_logits = predict_logits(model, val_records, img_size, spec.mean, spec.std,
-                                                description="validating")
-            val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
-            bal = _balanced_accuracy_of(val_logits, val_labels, classes)
+            logits = val_logits()
+            val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val_labels)))
+            bal = _balanced_accuracy_of(logits, val_labels, classes)
             history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
                             "val_balanced_accuracy": bal})
             key = (bal, -val_loss)
@@ -262,6 +345,7 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
                 log.info("early stopping after epoch %d (best balanced accuracy %.4f)", epoch + 1, best_key[0])
                 break
     model.load_state_dict(best_state)
+    fold_standardization(model.head, standardize)
     model.eval()
     return history, float(np.mean(epoch_seconds))
 

@@ -9,15 +9,22 @@ import torch
 
 from edge_tl.backbones import build_model
 from edge_tl.finetune import FinetuneConfig, evaluate, finetune, freeze_trunk, load_checkpoint
+from edge_tl.synthetic import make_surface_dataset
 
 IMG = 64
 FAST = FinetuneConfig(img_size=IMG, epochs=8, augmented_views=2, ok_class="ok", seed=0, patience=8)
 
 
 @pytest.fixture(scope="module")
-def finetuned_run(surface_dataset, tmp_path_factory):
+def textures(tmp_path_factory):
+    """Large enough (30 per class) that validation metrics mean something."""
+    return make_surface_dataset(tmp_path_factory.mktemp("textures") / "data", images_per_class=30, img_size=IMG)
+
+
+@pytest.fixture(scope="module")
+def finetuned_run(textures, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
-    return finetune(surface_dataset, out, FAST)
+    return finetune(textures, out, FAST)
 
 
 def test_run_directory_has_checkpoint_manifest_and_metrics(finetuned_run):
@@ -52,12 +59,12 @@ def test_frozen_trunk_is_bit_identical_and_only_head_trains(finetuned_run):
     assert requires_grad == sum(p.numel() for p in fresh.head.parameters())
 
 
-def test_checkpoint_reloads_to_the_same_metrics(finetuned_run, surface_dataset, tmp_path):
-    metrics = evaluate(finetuned_run.run_dir, surface_dataset, tmp_path / "eval.json")
+def test_checkpoint_reloads_to_the_same_metrics(finetuned_run, textures, tmp_path):
+    metrics = evaluate(finetuned_run.run_dir, textures, tmp_path / "eval.json")
     on_disk = json.loads((tmp_path / "eval.json").read_text())
     assert on_disk == metrics
     assert metrics["classes"] == finetuned_run.metrics["classes"]
-    assert sum(row["support"] for row in metrics["per_class"].values()) == 48
+    assert sum(row["support"] for row in metrics["per_class"].values()) == 120
 
 
 def test_unfreeze_trains_only_the_last_blocks(surface_dataset, tmp_path):
@@ -72,9 +79,9 @@ def test_unfreeze_trains_only_the_last_blocks(surface_dataset, tmp_path):
         assert same == (index < blocks - 2), index
 
 
-def test_cached_and_uncached_training_reach_the_same_accuracy(surface_dataset, tmp_path):
-    cached = finetune(surface_dataset, tmp_path / "cached", FAST)
-    uncached = finetune(surface_dataset, tmp_path / "uncached",
+def test_cached_and_uncached_training_reach_the_same_accuracy(finetuned_run, textures, tmp_path):
+    cached = finetuned_run
+    uncached = finetune(textures, tmp_path / "uncached",
                         FinetuneConfig(**{**FAST.__dict__, "cache_features": False}))
     assert uncached.metrics["balanced_accuracy"] >= 0.6
     assert abs(cached.metrics["balanced_accuracy"] - uncached.metrics["balanced_accuracy"]) <= 0.15
