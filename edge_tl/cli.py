@@ -205,8 +205,25 @@ def demo(out):
 
     out = out or Path(tempfile.gettempdir()) / "edge-tl-demo"
     result = run_demo(out)
-    console.print(metrics_table(result.metrics, "demo: validation metrics"))
+    console.print(metrics_table(result.metrics, "demo: fine-tuned model, validation metrics"))
+    console.print(verification_table(result.verification))
+    pruned = result.stages["pruned"]
+    console.print(f"pruned: MACs x{pruned['macs_ratio']:.2f}, ONNX Runtime latency x{pruned['ort_latency_ratio']:.2f}, "
+                  f"balanced accuracy {pruned['balanced_accuracy_delta']:+.2f} points")
     console.print(f"demo finished in {result.seconds_total:.1f} s; run directory {result.run_dir}")
+
+
+def verification_table(rows: list[dict]) -> Table:
+    """One row per verified artifact: agreement with its float model and the gate's verdict."""
+    table = Table(title="verification against the float model of each stage")
+    for column in ("artifact", "top-1 agreement", "max |diff|", "balanced acc.", "delta (pt)", "escape delta (pt)",
+                   "passed"):
+        table.add_column(column, justify="left" if column == "artifact" else "right")
+    for row in rows:
+        table.add_row(Path(row["artifact"]).name, f"{row['top1_agreement']:.3f}", f"{row['max_abs_diff']:.2e}",
+                      f"{row['balanced_accuracy']:.4f}", f"{row['balanced_accuracy_delta']:+.2f}",
+                      f"{row.get('escape_rate_delta', 0.0):+.2f}", "yes" if row["passed"] else "NO")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
