@@ -64,10 +64,13 @@ def channel_dependency_sets(graph_module: torch.fx.GraphModule) -> list[set[str]
     return [{node.target for node in group} for group in build_channel_dependency(graph_module)]
 
 
-def parent_layer_names(graph_module: torch.fx.GraphModule, module_name: str) -> list[str]:
-    """Names of the nearest Conv2d/Linear layers feeding ``module_name`` (through BN, activations, padding)."""
+def adjacent_layer_names(graph_module: torch.fx.GraphModule, module_name: str, direction: str = "parent") -> list[str]:
+    """Names of the nearest Conv2d/Linear layers feeding (``parent``) or reading (``child``) ``module_name``.
+
+    The search walks through layers that keep the channel count (BN, activations, padding, SE scaling).
+    """
     node = next(n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == module_name)
-    return [parent.target for parent in find_adjacent_layers(node, graph_module, [nn.Conv2d, nn.Linear], "parent")]
+    return [layer.target for layer in find_adjacent_layers(node, graph_module, [nn.Conv2d, nn.Linear], direction)]
 
 
 def _plain_masks(masks: dict) -> dict[str, dict[str, torch.Tensor]]:
@@ -121,6 +124,11 @@ def taylor_pruner_masks(
     return _plain_masks(masks)
 
 
+class _DebugLogger(logging.LoggerAdapter):
+    def info(self, msg, *args, **kwargs):
+        self.debug(msg, *args, **kwargs)
+
+
 def speedup(model: nn.Module, dummy_input: torch.Tensor, masks: dict) -> nn.Module:
     """Physically remove masked channels from ``model`` (in place) with NNI ModelSpeedup.
 
@@ -128,7 +136,8 @@ def speedup(model: nn.Module, dummy_input: torch.Tensor, masks: dict) -> nn.Modu
     even on torchvision's mobilenet_v2); edge-tl models are ``torch.fx.symbolic_trace``-able by
     contract, so ModelSpeedup gets that graph. Without an explicit logger ModelSpeedup forces its logger to INFO.
     """
-    speedup_log = logging.getLogger(f"{__name__}.speedup")
+    # ModelSpeedup logs every node at INFO level (hundreds of lines per model): demote them to DEBUG
+    speedup_log = _DebugLogger(logging.getLogger(f"{__name__}.speedup"), {})
     training = model.training
     graph_module = torch.fx.symbolic_trace(model)
     # A new GraphModule is in training mode, and speedup_model() ends with

@@ -21,9 +21,9 @@ from edge_tl.prune import (
     count_macs,
     count_params,
     find_prune_groups,
-    match_batchnorm_statistics,
     ort_latency_ms,
     prune_model,
+    reconstruct_projections,
     recover,
     sweep,
 )
@@ -187,25 +187,27 @@ def test_reload_from_spec_and_safetensors_gives_identical_outputs(pruned_lite0, 
         assert torch.equal(rebuilt(images), pruned(images))
 
 
-def test_batchnorm_matching_restores_parent_output_moments(lite0, images):
+def test_reconstruction_solves_the_least_squares_oracle_and_brings_outputs_back(lite0, images):
     pruned, _ = prune_model(lite0, IMG, 0.5)
-    parent_final = {}
-    pruned_final = {}
-    lite0.trunk.blocks[-1][1].register_forward_hook(lambda m, a, out: parent_final.__setitem__("y", out))
-    pruned.trunk.blocks[-1][1].register_forward_hook(lambda m, a, out: pruned_final.__setitem__("y", out))
-    kept = {}
-    for group in find_prune_groups(lite0, IMG):
-        parent_weight = lite0.get_submodule(group.expansion).weight
-        kept[group.block_index] = parent_weight.abs().sum((1, 2, 3)).topk(group.channels // 2).indices.sort().values
-    match_batchnorm_statistics(pruned, lite0, images, kept)
+    groups = find_prune_groups(lite0, IMG)
+    first = groups[0]  # block 2: its input is the parent's own (no earlier block was pruned)
+    captured = {}
+    pruned.get_submodule(first.projection).register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
+    lite0.get_submodule(first.projection).register_forward_hook(lambda m, a, out: captured.__setitem__("y", out))
     with torch.no_grad():
-        lite0(images)
-        pruned(images)
-    lite0.trunk.blocks[-1][1]._forward_hooks.clear()
-    pruned.trunk.blocks[-1][1]._forward_hooks.clear()
-    parent_y, pruned_y = parent_final["y"].transpose(0, 1).flatten(1), pruned_final["y"].transpose(0, 1).flatten(1)
-    assert torch.allclose(pruned_y.mean(1), parent_y.mean(1), atol=1e-3)
-    assert torch.allclose(pruned_y.std(1), parent_y.std(1), rtol=1e-3, atol=1e-3)
+        error_before = (pruned(images) - lite0(images)).abs().mean()
+    reconstruct_projections(pruned, lite0, images, groups, samples=10**9, ridge=1e-3)
+    pruned.get_submodule(first.projection)._forward_pre_hooks.clear()
+    lite0.get_submodule(first.projection)._forward_hooks.clear()
+    x = captured["x"].permute(0, 2, 3, 1).reshape(-1, captured["x"].shape[1]).double().numpy()
+    y = captured["y"].permute(0, 2, 3, 1).reshape(-1, captured["y"].shape[1]).double().numpy()
+    gram = x.T @ x
+    oracle = np.linalg.solve(gram + 1e-3 * np.diag(gram).mean() * np.eye(len(gram)), x.T @ y)
+    weight = pruned.get_submodule(first.projection).weight.detach().double().numpy()
+    assert np.allclose(weight[:, :, 0, 0], oracle.T, atol=1e-5)
+    with torch.no_grad():
+        error_after = (pruned(images) - lite0(images)).abs().mean()
+    assert error_after < 0.5 * error_before
 
 
 @pytest.mark.parametrize("method", ["fpgm", "taylor"])
