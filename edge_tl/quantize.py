@@ -72,7 +72,7 @@ class QuantizeConfig:
     calib_images: int = 256
     method: str = "minmax"
     qat_epochs: int = 3
-    qat_lr: float = 1e-4
+    qat_lr: float = 1e-5
     batch_size: int = 16
     seed: int = 0
     percentile: float = DEFAULT_PERCENTILE
@@ -99,7 +99,7 @@ def validate_config(cfg: QuantizeConfig) -> None:
         if isinstance(cfg.qat_epochs, bool) or not isinstance(cfg.qat_epochs, int) or cfg.qat_epochs < 1:
             raise ConfigError(f"QAT epochs {cfg.qat_epochs!r} must be an integer >= 1, e.g. 3")
         if not 0.0 < cfg.qat_lr < 1.0:
-            raise ConfigError(f"QAT learning rate {cfg.qat_lr!r} must lie in (0, 1), e.g. 1e-4")
+            raise ConfigError(f"QAT learning rate {cfg.qat_lr!r} must lie in (0, 1), e.g. 1e-5")
 
 
 def quantized_dir(run_dir: str | Path, stage: str) -> Path:
@@ -148,7 +148,8 @@ def quantization_plan(folded: nn.Module) -> dict[str, tuple[str, ...]]:
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(folded.get_submodule(str(node.target)), QUANTIZED_TYPES):
             if str(node.target) in plan:
-                raise ConfigError(f"module {node.target} is called more than once; edge-tl cannot quantize shared layers")
+                raise ConfigError(f"module {node.target} is called more than once; "
+                                  "edge-tl cannot quantize a layer shared by several calls")
             roles = ("input", "weight") if _output_absorbed(node, folded) else ("input", "weight", "output")
             plan[str(node.target)] = roles
     return plan
@@ -161,7 +162,8 @@ def nni_config_list(plan: dict[str, tuple[str, ...]]) -> list[dict]:
         by_roles.setdefault(roles, []).append(name)
     configs = []
     for roles, names in by_roles.items():
-        settings = {_NNI_TARGETS[role]: dict(_WEIGHT_SETTING if role == "weight" else _ACTIVATION_SETTING) for role in roles}
+        settings = {_NNI_TARGETS[role]: dict(_WEIGHT_SETTING if role == "weight" else _ACTIVATION_SETTING)
+                    for role in roles}
         # NNI's schema requires a top-level quant_dtype; target_settings override it per target.
         configs.append({"op_names": names, "target_names": list(settings), "target_settings": settings,
                         "quant_dtype": "int8"})
@@ -179,7 +181,8 @@ def _predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np
     return torch.cat([model(chunk) for chunk in torch.split(images, batch_size)]).float().numpy()
 
 
-def _calibrate(folded: nn.Module, plan, source: ClassBalancedSource, cfg: QuantizeConfig) -> tuple[PtqQuantizer, list[CalibrationTensor]]:
+def _calibrate(folded: nn.Module, plan, source: ClassBalancedSource,
+               cfg: QuantizeConfig) -> tuple[PtqQuantizer, list[CalibrationTensor]]:
     """NNI PTQ over the calibration source; returns the (fake-quantizing) quantizer and the tensors."""
     num_batches = -(-len(source) // source.batch_size)
 
@@ -246,38 +249,46 @@ def apply_calibration(quantizer, tensors: list[CalibrationTensor], with_ranges: 
 class _QatLoop:
     """NNI training function for QAT: augmented epochs, keep the best validation epoch (PTQ is epoch 0).
 
-    The loss is class-weighted cross-entropy plus distillation (temperature-scaled KL) from the
-    float model of the same stage: with few training images, matching the float model's outputs
-    recovers its behaviour more reliably than the labels alone.
+    The loss is distillation from the float model of the same stage (temperature-scaled KL), not
+    the labels: QAT is there to make the quantized model reproduce the float one, and on a few
+    hundred images label loss mostly moves it away from the float model it should match.
+    Optimiser: SGD with momentum 0.9 at ``qat_lr`` (default 1e-5) over all BN-folded weights and
+    biases. Measured on the 64 px test model: 1e-5 lowered the validation KL to the float model
+    every epoch (e.g. 0.133 -> 0.046); 1e-4 was erratic (0.133 -> 0.118 -> 0.137 -> 0.281), and
+    Adam at 1e-4 moved the model away from float (0.03 -> 0.2-0.5).
     """
 
-    def __init__(self, teacher: nn.Module, train_images: list, train_labels: np.ndarray, val_images: torch.Tensor,
-                 val_labels: np.ndarray, run_info: dict, cfg: QuantizeConfig):
+    def __init__(self, teacher: nn.Module, train_images: list, val_images: torch.Tensor, val_labels: np.ndarray,
+                 run_info: dict, cfg: QuantizeConfig):
         self.teacher = teacher.eval()
         self.train_images, self.val_images, self.val_labels = train_images, val_images, val_labels
-        self.targets = torch.from_numpy(train_labels)
-        self.loss_weights = torch.from_numpy(data_mod.class_weights(train_labels, len(run_info["classes"])))
         self.run_info, self.cfg = run_info, cfg
         with torch.no_grad():
             self.val_teacher = F.log_softmax(torch.from_numpy(_predict(teacher, val_images)), dim=1)
         self.history: list[dict] = []
         self.best: tuple = ()
         self.best_state: dict | None = None
+        self.quantizer = None  # set once NNI has wrapped the model
 
-    def training_step(self, batch, model):
-        images, labels = batch
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels, weight=self.loss_weights)
+    def training_step(self, images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        """Distillation loss: temperature-scaled KL from the float model's outputs to the fake-quantized ones."""
         with torch.no_grad():
-            target = F.softmax(self.teacher(images) / DISTILL_TEMPERATURE, dim=1)
-        distill = F.kl_div(F.log_softmax(logits / DISTILL_TEMPERATURE, dim=1), target, reduction="batchmean")
-        return loss + DISTILL_TEMPERATURE ** 2 * distill
+            target = F.log_softmax(self.teacher(images) / DISTILL_TEMPERATURE, dim=1)
+        student = F.log_softmax(model(images) / DISTILL_TEMPERATURE, dim=1)
+        return DISTILL_TEMPERATURE ** 2 * F.kl_div(student, target, reduction="batchmean", log_target=True)
 
     def _validate(self, model: nn.Module, epoch: int) -> bool:
-        """Record the epoch; True when it is the best so far: balanced accuracy, then closeness to float."""
+        """Record the epoch; True when it is the best so far: balanced accuracy, then closeness to float.
+
+        The epoch is evaluated with the parameters calibration.json would get from it (exact weight
+        scales instead of NNI's moving-average weight ranges), i.e. as it would be exported.
+        """
+        apply_calibration(self.quantizer, _current_tensors(self.quantizer))
         logits = torch.from_numpy(_predict(model, self.val_images))
-        balanced = classification_metrics(self.val_labels, logits.argmax(1).numpy(), self.run_info["classes"])["balanced_accuracy"]
-        divergence = float(F.kl_div(F.log_softmax(logits, dim=1), self.val_teacher, reduction="batchmean", log_target=True))
+        predictions = logits.argmax(1).numpy()
+        balanced = classification_metrics(self.val_labels, predictions, self.run_info["classes"])["balanced_accuracy"]
+        divergence = float(F.kl_div(F.log_softmax(logits, dim=1), self.val_teacher, reduction="batchmean",
+                                    log_target=True))
         self.history.append({"epoch": epoch, "val_balanced_accuracy": balanced, "val_kl_to_float": divergence})
         log.info("QAT epoch %d: validation balanced accuracy %.4f, KL to float %.5f", epoch, balanced, divergence)
         if self.best and (balanced, -divergence) <= self.best[:2]:
@@ -296,7 +307,7 @@ class _QatLoop:
                                         max(1, -(-len(self.train_images) // self.cfg.batch_size))):
                 batch = np.stack([data_mod.normalize(data_mod.augment(self.train_images[i], rng),
                                                      self.run_info["mean"], self.run_info["std"]) for i in index])
-                loss = training_step((torch.from_numpy(batch), self.targets[index]), model)
+                loss = training_step(torch.from_numpy(batch), model)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -314,17 +325,25 @@ def _qat(folded: nn.Module, teacher: nn.Module, plan, ptq_tensors, run_info: dic
     train = run_records(run_info, "train")
     size = run_info["img_size"]
     train_images = [data_mod.resize_image(data_mod.load_image(r.path), size) for r in train]
-    loop = _QatLoop(teacher, train_images, np.array([r.label for r in train]), val_images, val_labels, run_info, cfg)
+    loop = _QatLoop(teacher, train_images, val_images, val_labels, run_info, cfg)
     torch.manual_seed(cfg.seed)
-    optimizer = nni_compat.traced_optimizer(torch.optim.Adam, folded.parameters(), lr=cfg.qat_lr)
+    optimizer = nni_compat.traced_optimizer(torch.optim.SGD, folded.parameters(), lr=cfg.qat_lr, momentum=0.9)
     evaluator = nni_compat.TorchEvaluator(loop, optimizer, loop.training_step)
     # A fresh QATQuantizer seeded with the PTQ numbers: QATQuantizer.from_compressor(ptq) keeps the
     # PTQ wrappers, so NNI drops every already-configured target from the new quantizer.
     with nni_compat.quiet_nni():
         quantizer = QATQuantizer(folded, nni_config_list(plan), evaluator)
     apply_calibration(quantizer, ptq_tensors, with_ranges=True)
+    loop.quantizer = quantizer
     with nni_compat.quiet_nni(), nni_compat.quiet_qat_backward():
         quantizer.compress(max_steps=None, max_epochs=cfg.qat_epochs)
+    tensors = _current_tensors(quantizer)
+    apply_calibration(quantizer, tensors)
+    return quantizer, _in_plan_order(tensors, plan), loop.history
+
+
+def _current_tensors(quantizer) -> list[CalibrationTensor]:
+    """Calibration entries for the current weights and NNI's current activation ranges."""
     tensors = []
     for module_name, target_name, space in nni_compat.quantization_targets(quantizer):
         role = _ROLES[target_name]
@@ -333,8 +352,7 @@ def _qat(folded: nn.Module, teacher: nn.Module, plan, ptq_tensors, run_info: dic
         else:
             tensors.append(CalibrationTensor.activation(module_name, role, float(space.tracked_min),
                                                         float(space.tracked_max)))
-    apply_calibration(quantizer, tensors)
-    return quantizer, _in_plan_order(tensors, plan), loop.history
+    return tensors
 
 
 def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> QuantizeResult:
@@ -349,7 +367,8 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     val_images, val_labels = _images_tensor(val, size, mean, std), np.array([r.label for r in val])
 
     def evaluate(net: nn.Module) -> dict:
-        return classification_metrics(val_labels, _predict(net, val_images).argmax(1), classes, run_info.get("ok_class"))
+        predictions = _predict(net, val_images).argmax(1)
+        return classification_metrics(val_labels, predictions, classes, run_info.get("ok_class"))
 
     float_metrics = evaluate(model)
     folded = fold_batchnorm(model)
@@ -419,7 +438,8 @@ def load_quantized_model(run_dir: str | Path, stage: str = "float") -> tuple[nn.
         raise ConfigError(f"--stage {stage!r} is not one of {', '.join(STAGES)}")
     out = quantized_dir(run_dir, stage)
     if not (out / "metrics.json").is_file():
-        raise ArtifactError(f"{out} holds no finished quantize run; run `edge-tl quantize {run_dir} --stage {stage}` first")
+        raise ArtifactError(f"{out} holds no finished quantize run; "
+                            f"run `edge-tl quantize {run_dir} --stage {stage}` first")
     manifest = read_json(out / "metrics.json")
     for name, digest in manifest.get("files", {}).items():
         if not (out / name).is_file() or sha256_file(out / name) != digest:
