@@ -54,7 +54,7 @@ class FinetuneConfig:
     unfreeze_lr_ratio: float = 0.1
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
-    head_l2: float = 1e-3
+    head_l2: float = 1e-2
     lbfgs_iterations: int = 10
     augmented_views: int = 4
     patience: int = 10
@@ -194,7 +194,9 @@ class _Standardize(nn.Module):
     def __init__(self, features: torch.Tensor):
         super().__init__()
         self.register_buffer("mean", features.mean(0))
-        self.register_buffer("std", features.std(0) + 1e-3)
+        std = features.std(0)
+        # Near-constant features would get huge folded weights (and fp32/fp16 round-off): floor them.
+        self.register_buffer("std", std.clamp_min(0.1 * float(std.mean()) + 1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

