@@ -113,7 +113,7 @@ def load_stage_model(run_dir: str | Path, stage: str) -> tuple[nn.Module, dict]:
         return load_checkpoint(run_dir)
     if not (run_dir / "pruned").is_dir():
         raise ArtifactError(f"{run_dir / 'pruned'} does not exist; run `edge-tl prune {run_dir}` first")
-    from edge_tl.prune import load_pruned
+    from edge_tl.prune_stage import load_pruned
 
     return load_pruned(run_dir)
 
@@ -212,26 +212,32 @@ def _calibrate(folded: nn.Module, plan, source: ClassBalancedSource,
     finally:
         remove()
     nni_compat.stop_ptq_tracking(quantizer)
+    tensors = _current_tensors(quantizer, plan)  # exact weights; NNI's tracked min/max for activations
+    if cfg.method != "minmax":
+        tensors = [tensor if tensor.role == "weight" else _observed(tensor, observers, cfg) for tensor in tensors]
+    apply_calibration(quantizer, tensors)
+    return quantizer, tensors
+
+
+def _observed(tensor: CalibrationTensor, observers: dict, cfg: QuantizeConfig) -> CalibrationTensor:
+    """``tensor`` with the percentile/entropy range of the activations its observer saw."""
+    observer = observers[(tensor.module, _NNI_TARGETS[tensor.role])]
+    # float32 like NNI's tracked ranges, so QAT (which keeps ranges in float32) starts from these exact numbers
+    low, high = (float(np.float32(value)) for value in observer.compute(cfg.method, cfg.percentile))
+    return CalibrationTensor.activation(tensor.module, tensor.role, low, high, observed_min=observer.min_value,
+                                        observed_max=observer.max_value)
+
+
+def _current_tensors(quantizer, plan) -> list[CalibrationTensor]:
+    """Calibration entries (in plan order) for the current weights and NNI's current activation ranges."""
     tensors = []
     for module_name, target_name, space in nni_compat.quantization_targets(quantizer):
         role = _ROLES[target_name]
         if role == "weight":
             tensors.append(CalibrationTensor.weight(module_name, space.target.detach().cpu().numpy()))
-            continue
-        if cfg.method == "minmax":
-            low, high = float(space.tracked_min), float(space.tracked_max)
-            extra = {}
         else:
-            observer = observers[(module_name, target_name)]
-            # float32 like NNI's tracked ranges, so QAT (which keeps ranges in float32) starts from these exact numbers
-            low, high = (float(np.float32(v)) for v in observer.compute(cfg.method, cfg.percentile))
-            extra = {"observed_min": observer.min_value, "observed_max": observer.max_value}
-        tensors.append(CalibrationTensor.activation(module_name, role, low, high, **extra))
-    apply_calibration(quantizer, tensors)
-    return quantizer, _in_plan_order(tensors, plan)
-
-
-def _in_plan_order(tensors: list[CalibrationTensor], plan) -> list[CalibrationTensor]:
+            low, high = float(space.tracked_min), float(space.tracked_max)
+            tensors.append(CalibrationTensor.activation(module_name, role, low, high))
     order = {(name, role): index for index, (name, roles) in enumerate(plan.items()) for role in roles}
     rank = {"input": 0, "weight": 1, "output": 2}
     return sorted(tensors, key=lambda t: (order[(t.module, t.role)], rank[t.role]))
@@ -268,7 +274,7 @@ class _QatLoop:
         self.history: list[dict] = []
         self.best: tuple = ()
         self.best_state: dict | None = None
-        self.quantizer = None  # set once NNI has wrapped the model
+        self.quantizer, self.plan = None, None  # set once NNI has wrapped the model
 
     def training_step(self, images: torch.Tensor, model: nn.Module) -> torch.Tensor:
         """Distillation loss: temperature-scaled KL from the float model's outputs to the fake-quantized ones."""
@@ -283,7 +289,7 @@ class _QatLoop:
         The epoch is evaluated with the parameters calibration.json would get from it (exact weight
         scales instead of NNI's moving-average weight ranges), i.e. as it would be exported.
         """
-        apply_calibration(self.quantizer, _current_tensors(self.quantizer))
+        apply_calibration(self.quantizer, _current_tensors(self.quantizer, self.plan))
         logits = torch.from_numpy(_predict(model, self.val_images))
         predictions = logits.argmax(1).numpy()
         balanced = classification_metrics(self.val_labels, predictions, self.run_info["classes"])["balanced_accuracy"]
@@ -334,25 +340,12 @@ def _qat(folded: nn.Module, teacher: nn.Module, plan, ptq_tensors, run_info: dic
     with nni_compat.quiet_nni():
         quantizer = QATQuantizer(folded, nni_config_list(plan), evaluator)
     apply_calibration(quantizer, ptq_tensors, with_ranges=True)
-    loop.quantizer = quantizer
+    loop.quantizer, loop.plan = quantizer, plan
     with nni_compat.quiet_nni(), nni_compat.quiet_qat_backward():
         quantizer.compress(max_steps=None, max_epochs=cfg.qat_epochs)
-    tensors = _current_tensors(quantizer)
+    tensors = _current_tensors(quantizer, plan)
     apply_calibration(quantizer, tensors)
-    return quantizer, _in_plan_order(tensors, plan), loop.history
-
-
-def _current_tensors(quantizer) -> list[CalibrationTensor]:
-    """Calibration entries for the current weights and NNI's current activation ranges."""
-    tensors = []
-    for module_name, target_name, space in nni_compat.quantization_targets(quantizer):
-        role = _ROLES[target_name]
-        if role == "weight":
-            tensors.append(CalibrationTensor.weight(module_name, space.target.detach().cpu().numpy()))
-        else:
-            tensors.append(CalibrationTensor.activation(module_name, role, float(space.tracked_min),
-                                                        float(space.tracked_max)))
-    return tensors
+    return quantizer, tensors, loop.history
 
 
 def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> QuantizeResult:
