@@ -23,7 +23,7 @@ from edge_tl.prune import (
     find_prune_groups,
     ort_latency_ms,
     prune_model,
-    reconstruct_projections,
+    reconstruct_pointwise,
     recover,
     sweep,
 )
@@ -189,21 +189,24 @@ def test_reload_from_spec_and_safetensors_gives_identical_outputs(pruned_lite0, 
 
 def test_reconstruction_solves_the_least_squares_oracle_and_brings_outputs_back(lite0, images):
     pruned, _ = prune_model(lite0, IMG, 0.5)
-    groups = find_prune_groups(lite0, IMG)
-    first = groups[0]  # block 2: its input is the parent's own (no earlier block was pruned)
+    first = find_prune_groups(lite0, IMG)[0]  # block 2: its input is the parent's own (no earlier block was pruned)
+    parent_weight = lite0.get_submodule(first.expansion).weight
+    kept = {group.expansion: lite0.get_submodule(group.expansion).weight.abs().sum((1, 2, 3))
+            .topk(pruned.get_submodule(group.expansion).out_channels).indices.sort().values
+            for group in find_prune_groups(lite0, IMG)}
+    assert torch.equal(pruned.get_submodule(first.expansion).weight, parent_weight[kept[first.expansion]])
     captured = {}
-    pruned.get_submodule(first.projection).register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
-    lite0.get_submodule(first.projection).register_forward_hook(lambda m, a, out: captured.__setitem__("y", out))
+    handles = [lite0.get_submodule(first.expansion).register_forward_hook(lambda m, a, out: captured.update(x=a[0], y=out))]
     with torch.no_grad():
         error_before = (pruned(images) - lite0(images)).abs().mean()
-    reconstruct_projections(pruned, lite0, images, groups, samples=10**9, ridge=1e-3)
-    pruned.get_submodule(first.projection)._forward_pre_hooks.clear()
-    lite0.get_submodule(first.projection)._forward_hooks.clear()
+    handles[0].remove()
+    refit = reconstruct_pointwise(pruned, lite0, images, kept, samples=10**9, ridge=1e-3)
+    assert refit[0] == first.expansion and "trunk.blocks.17.0" in refit  # ... through the final 1x1 conv
     x = captured["x"].permute(0, 2, 3, 1).reshape(-1, captured["x"].shape[1]).double().numpy()
-    y = captured["y"].permute(0, 2, 3, 1).reshape(-1, captured["y"].shape[1]).double().numpy()
+    y = captured["y"].permute(0, 2, 3, 1).reshape(-1, captured["y"].shape[1]).double().numpy()[:, kept[first.expansion]]
     gram = x.T @ x
     oracle = np.linalg.solve(gram + 1e-3 * np.diag(gram).mean() * np.eye(len(gram)), x.T @ y)
-    weight = pruned.get_submodule(first.projection).weight.detach().double().numpy()
+    weight = pruned.get_submodule(first.expansion).weight.detach().double().numpy()
     assert np.allclose(weight[:, :, 0, 0], oracle.T, atol=1e-5)
     with torch.no_grad():
         error_after = (pruned(images) - lite0(images)).abs().mean()
