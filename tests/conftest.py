@@ -31,3 +31,12 @@ def magnetic_tile_dir() -> Path:
     if not MAGNETIC_TILE_DIR.is_dir():
         pytest.skip(f"real dataset not found at {MAGNETIC_TILE_DIR} (../shared/datasets beside the checkout)")
     return MAGNETIC_TILE_DIR
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for tests that time or compare runtimes; restores the setting after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

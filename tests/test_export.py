@@ -34,12 +34,7 @@ CLASSES = ["ok", "scratch", "spot", "crack"]
 META = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "class_names": CLASSES, "ok_class": "ok", "stage": "float"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -25,12 +25,7 @@ PX = 64
 VERSION_KEYS = {"edge_tl", "python", "torch", "onnx", "onnxruntime", "numpy"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_ptq_calibration(run_dir, model=None, mode: str = "ptq"):

@@ -32,12 +32,7 @@ RESULT_KEYS = {"artifact", "stage", "num_samples", "top1_agreement", "max_abs_di
                "escape_rate_delta", "flips", "max_drop", "max_escape_rise", "passed"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
