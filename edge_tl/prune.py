@@ -406,9 +406,7 @@ def count_macs(model: nn.Module, img_size: int) -> int:
     return total
 
 
-def ort_latency_ms(model: nn.Module, img_size: int, runs: int = 50, warmup: int = 10, threads: int = 1) -> float:
-    """Median ONNX Runtime CPU latency (ms) of one batch-1 inference, after ``warmup`` runs."""
-    import numpy as np
+def _ort_session(model: nn.Module, img_size: int, threads: int):
     import onnxruntime as ort
 
     training = model.training
@@ -422,16 +420,35 @@ def ort_latency_ms(model: nn.Module, img_size: int, runs: int = 50, warmup: int 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare_ort_latency_ms(models: list[nn.Module], img_size: int, runs: int = 50, warmup: int = 10,
+                           threads: int = 1) -> list[float]:
+    """Median ONNX Runtime CPU latency (ms, batch 1) of each model, timed in alternation.
+
+    Runs alternate between the models, so a change in machine load affects all of them alike and
+    their ratio stays meaningful on a shared machine.
+    """
+    import numpy as np
+
+    sessions = [_ort_session(model, img_size, threads) for model in models]
     feed = {"input": np.random.default_rng(0).random((1, 3, img_size, img_size), dtype=np.float32)}
-    for _ in range(warmup):
-        session.run(None, feed)
-    timings = []
+    for session in sessions:
+        for _ in range(warmup):
+            session.run(None, feed)
+    timings: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        timings.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(timings)
+        for session, times in zip(sessions, timings):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append((time.perf_counter() - start) * 1000.0)
+    return [statistics.median(times) for times in timings]
+
+
+def ort_latency_ms(model: nn.Module, img_size: int, runs: int = 50, warmup: int = 10, threads: int = 1) -> float:
+    """Median ONNX Runtime CPU latency (ms) of one batch-1 inference, after ``warmup`` runs."""
+    return compare_ort_latency_ms([model], img_size, runs, warmup, threads)[0]
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -558,7 +575,8 @@ def sweep(
 
     Rows: each stage alone at each sparsity, every stage at each sparsity, and the combination of
     each stage's highest sparsity within ``tolerance_points`` of the parent. The recommendation is
-    the lowest-latency row within that tolerance (None when no row is).
+    the fastest row (highest latency ratio) within that tolerance (None when no row is). Each row's latency ratio
+    comes from timing it in alternation with the parent (``compare_ort_latency_ms``).
     """
     calibration = list(calibration_batches) if calibration_batches is not None else None
     training = list(training_batches) if training_batches is not None else None
@@ -568,11 +586,11 @@ def sweep(
     def measure(label: str, sparsity: float, per_block: dict[int, float]) -> dict:
         pruned, spec = prune_model(model, img_size, sparsity, method, align, per_block, calibration, training)
         accuracy, macs = float(val_fn(pruned)), count_macs(pruned, img_size)
-        latency = ort_latency_ms(pruned, img_size, latency_runs)
+        parent_ms, latency = compare_ort_latency_ms([model, pruned], img_size, latency_runs)
         row = {"label": label, "sparsity": sparsity, "sparsity_per_block": spec["sparsity_per_block"],
                "balanced_accuracy": accuracy, "balanced_accuracy_delta": 100.0 * (accuracy - parent_accuracy),
                "params": count_params(pruned), "macs": macs, "macs_ratio": parent_macs / macs,
-               "ort_latency_ms": latency, "ort_latency_ratio": parent_latency / latency}
+               "ort_latency_ms": latency, "parent_ort_latency_ms": parent_ms, "ort_latency_ratio": parent_ms / latency}
         log.info("sweep %s: balanced accuracy %+.2f points, macs x%.2f, latency x%.2f", label,
                  row["balanced_accuracy_delta"], row["macs_ratio"], row["ort_latency_ratio"])
         return row
@@ -596,5 +614,5 @@ def sweep(
         "parent": {"balanced_accuracy": parent_accuracy, "macs": parent_macs, "params": count_params(model),
                    "ort_latency_ms": parent_latency},
         "stages": stages, "method": method, "align": align, "tolerance_points": tolerance_points, "rows": rows,
-        "recommended": min(candidates, key=lambda row: row["ort_latency_ms"]) if candidates else None,
+        "recommended": max(candidates, key=lambda row: row["ort_latency_ratio"]) if candidates else None,
     }
