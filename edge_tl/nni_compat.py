@@ -1,7 +1,7 @@
 """NNI 3.0 entry points edge-tl uses, with the version quirks worked around in one place.
 
-Only ``edge_tl.prune`` imports this module. Each workaround says why it exists, so it can be
-dropped when NNI fixes the behaviour.
+``edge_tl.prune`` and ``edge_tl.quantize`` reach NNI only through this module. Each workaround
+says why it exists, so it can be dropped when NNI fixes the behaviour.
 """
 from __future__ import annotations
 
@@ -135,6 +135,10 @@ def speedup(model: nn.Module, dummy_input: torch.Tensor, masks: dict) -> nn.Modu
     NNI 3.0's default ``concrete_trace`` fails under torch 2.x (AttributeError inside the tracer,
     even on torchvision's mobilenet_v2); edge-tl models are ``torch.fx.symbolic_trace``-able by
     contract, so ModelSpeedup gets that graph. Without an explicit logger ModelSpeedup forces its logger to INFO.
+
+    Every layer of a channel-dependency set (``channel_dependency_sets``) needs the same mask: a mask
+    on an expansion conv alone is OR-merged with its unmasked depthwise conv by
+    ``fix_channel_mask_conflict`` and nothing is pruned (NNI only logs "nothing masked").
     """
     # ModelSpeedup logs every node at INFO level (hundreds of lines per model): demote them to DEBUG
     speedup_log = _DebugLogger(logging.getLogger(f"{__name__}.speedup"), {})
