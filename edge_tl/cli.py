@@ -218,7 +218,7 @@ def verification_table(rows: list[dict]) -> Table:
     table = Table(title="verification against the float model of each stage")
     for column in ("artifact", "top-1 agreement", "max |diff|", "balanced acc.", "delta (pt)", "escape delta (pt)",
                    "passed"):
-        table.add_column(column, justify="left" if column == "artifact" else "right")
+        table.add_column(column, justify="left" if column == "artifact" else "right", no_wrap=column == "artifact")
     for row in rows:
         table.add_row(Path(row["artifact"]).name, f"{row['top1_agreement']:.3f}", f"{row['max_abs_diff']:.2e}",
                       f"{row['balanced_accuracy']:.4f}", f"{row['balanced_accuracy_delta']:+.2f}",
