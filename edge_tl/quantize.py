@@ -118,15 +118,11 @@ def load_stage_model(run_dir: str | Path, stage: str) -> tuple[nn.Module, dict]:
     return load_pruned(run_dir)
 
 
-def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
-    return [user for user in node.users if not (user.op == "call_function" and user.target is getattr)]
-
-
 def _output_absorbed(node: torch.fx.Node, model: nn.Module) -> bool:
     """True when ``node``'s output reaches one quantized module through Identity and <= 1 ReLU/ReLU6."""
     activations = 0
     while True:
-        users = _value_users(node)
+        users = [user for user in node.users if not (user.op == "call_function" and user.target is getattr)]
         if len(users) != 1 or users[0].op != "call_module":
             return False
         node = users[0]
@@ -168,11 +164,6 @@ def nni_config_list(plan: dict[str, tuple[str, ...]]) -> list[dict]:
         configs.append({"op_names": names, "target_names": list(settings), "target_settings": settings,
                         "quant_dtype": "int8"})
     return configs
-
-
-def _images_tensor(records, img_size: int, mean, std) -> torch.Tensor:
-    """The inference transform of every record, as one float32 NCHW tensor."""
-    return torch.from_numpy(data_mod.load_tensor_batch(records, img_size, mean, std))
 
 
 @torch.no_grad()
@@ -255,13 +246,11 @@ def apply_calibration(quantizer, tensors: list[CalibrationTensor], with_ranges: 
 class _QatLoop:
     """NNI training function for QAT: augmented epochs, keep the best validation epoch (PTQ is epoch 0).
 
-    The loss is distillation from the float model of the same stage (temperature-scaled KL), not
-    the labels: QAT is there to make the quantized model reproduce the float one, and on a few
-    hundred images label loss mostly moves it away from the float model it should match.
-    Optimiser: SGD with momentum 0.9 at ``qat_lr`` (default 1e-5) over all BN-folded weights and
-    biases. Measured on the 64 px test model: 1e-5 lowered the validation KL to the float model
-    every epoch (e.g. 0.133 -> 0.046); 1e-4 was erratic (0.133 -> 0.118 -> 0.137 -> 0.281), and
-    Adam at 1e-4 moved the model away from float (0.03 -> 0.2-0.5).
+    Loss: distillation from the float model of the same stage (temperature-scaled KL), not the
+    labels: QAT should make the quantized model reproduce the float one. Optimiser: SGD, momentum
+    0.9, ``qat_lr`` (default 1e-5) on every BN-folded weight and bias. On the 64 px test model 1e-5
+    lowered the validation KL to float every epoch (0.133 -> 0.046); 1e-4 was erratic (up to
+    0.281) and Adam at 1e-4 moved away from float (0.03 -> 0.2-0.5).
     """
 
     def __init__(self, teacher: nn.Module, train_images: list, val_images: torch.Tensor, val_labels: np.ndarray,
@@ -357,7 +346,8 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     val = run_records(run_info, "val")
     source = ClassBalancedSource(run_records(run_info, "train"), cfg.calib_images, size, mean, std,
                                  batch_size=cfg.batch_size, seed=cfg.seed, input_name=INPUT_NAME)
-    val_images, val_labels = _images_tensor(val, size, mean, std), np.array([r.label for r in val])
+    val_images = torch.from_numpy(data_mod.load_tensor_batch(val, size, mean, std))  # the inference transform
+    val_labels = np.array([r.label for r in val])
 
     def evaluate(net: nn.Module) -> dict:
         predictions = _predict(net, val_images).argmax(1)
