@@ -1,0 +1,523 @@
+"""The run report: ``RUN_DIR/report.md``, ``RUN_DIR/report.html`` and PNG figures in ``RUN_DIR/plots/``.
+
+``write_report(run_dir)`` is a pure consumer of what the stages left in the run directory:
+run.json (required), metrics.json, pruned/metrics.json, quantized/<stage>/metrics.json, the
+export manifests, verify/*.json, bench.json and recipe.yaml. Whatever is missing is said so in
+its section, with the command that produces it. The report is built once as a small document
+tree (sections of paragraphs, tables, figures) and rendered twice, so Markdown and HTML say the
+same thing and every piece of text from the run (class names, paths) is escaped in one place.
+Figures are written first, the HTML next and the Markdown last, each atomically.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+from edge_tl import plots
+from edge_tl.artifacts import atomic_write_text, read_json
+from edge_tl.errors import ArtifactError
+
+logger = logging.getLogger(__name__)
+
+PLOTS_DIR = "plots"
+_STAGE_ORDER = {"float": 0, "pruned": 1}
+_PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+_NONE = "—"
+
+
+# ----------------------------------------------------------------------------- document tree
+@dataclass(frozen=True)
+class Code:
+    text: str
+
+
+@dataclass(frozen=True)
+class Strong:
+    text: str
+    tone: str = ""  # "pass" or "fail" colours the HTML
+
+
+Inline = Union[str, Code, Strong]
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    parts: tuple[Inline, ...]
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: tuple[tuple[Inline, ...], ...]
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Inline, ...], ...]
+
+
+@dataclass(frozen=True)
+class Figure:
+    path: str  # relative to the run directory, POSIX separators
+    caption: str
+
+
+@dataclass(frozen=True)
+class Preformatted:
+    text: str
+
+
+Block = Union[Paragraph, Bullets, Table, Figure, Preformatted]
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    blocks: tuple[Block, ...]
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    markdown_path: Path
+    html_path: Path
+    plot_paths: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """Everything the report reads from a run directory; absent optional files are None or empty."""
+
+    run_dir: Path
+    run_info: dict
+    finetune_metrics: dict | None
+    pruned_metrics: dict | None
+    quantized: dict[str, dict]
+    exports: tuple[dict, ...]
+    verifications: tuple[dict, ...]
+    bench: dict | None
+    recipe_text: str | None
+
+
+# ----------------------------------------------------------------------------- reading the run
+def _optional_json(path: Path) -> Any:
+    return read_json(path) if path.is_file() else None
+
+
+def _artifact_key(record: dict) -> tuple:
+    name = Path(str(record.get("artifact", ""))).name
+    return (_STAGE_ORDER.get(record.get("stage"), 9), _PRECISION_ORDER.get(record.get("precision"), 9),
+            name.endswith(".engine"), name)
+
+
+def load_report_inputs(run_dir: str | os.PathLike) -> ReportInputs:
+    """Read every file the report uses; a directory without run.json is an ArtifactError."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise ArtifactError(f"{run_dir} is not a run directory (no run.json); pass a directory made by "
+                            f"`edge-tl finetune DATA_DIR --out {run_dir}` or `edge-tl run`")
+    run_info = read_json(run_dir / "run.json")
+    if not isinstance(run_info, dict) or not isinstance(run_info.get("classes"), list):
+        raise ArtifactError(f"{run_dir / 'run.json'} lists no classes; rerun `edge-tl finetune` for this run")
+    quantized = {}
+    for path in sorted((run_dir / "quantized").glob("*/metrics.json")):
+        quantized[path.parent.name] = read_json(path)
+    export_dir = run_dir / "export"
+    manifests = [read_json(path) for path in sorted(export_dir.glob("*.onnx.json"))]
+    manifests += [read_json(path) for path in sorted(export_dir.glob("*.engine.manifest.json"))]
+    verifications = [read_json(path) for path in sorted((run_dir / "verify").glob("*.json"))]
+    recipe = run_dir / "recipe.yaml"
+    return ReportInputs(
+        run_dir=run_dir, run_info=run_info, finetune_metrics=_optional_json(run_dir / "metrics.json"),
+        pruned_metrics=_optional_json(run_dir / "pruned" / "metrics.json"),
+        quantized=dict(sorted(quantized.items(), key=lambda item: _STAGE_ORDER.get(item[0], 9))),
+        exports=tuple(sorted((m for m in manifests if isinstance(m, dict)), key=_artifact_key)),
+        verifications=tuple(sorted((v for v in verifications if isinstance(v, dict)), key=_artifact_key)),
+        bench=_optional_json(run_dir / "bench.json"),
+        recipe_text=recipe.read_text(encoding="utf-8") if recipe.is_file() else None,
+    )
+
+
+def split_class_counts(run_info: dict) -> dict[str, dict[str, int]]:
+    """Images per class in each split (``train``, ``val``) from run.json's file lists (``class/file``)."""
+    split = run_info.get("split") or {}
+    counts = {}
+    for name in ("train", "val"):
+        files = split.get(f"{name}_files")
+        if isinstance(files, list):
+            found = Counter(re.split(r"[\\/]", str(file), maxsplit=1)[0] for file in files)
+            counts[name] = {cls: found.get(cls, 0) for cls in run_info["classes"]}
+    return counts
+
+
+def latency_speedups(rows: Sequence[dict]) -> list[float | None]:
+    """Median-latency speed-up of each bench row over the float FP32 ONNX Runtime row of its batch size."""
+    reference: dict[Any, float] = {}
+    for row in rows:
+        if (row.get("stage"), row.get("precision"), row.get("backend")) == ("float", "fp32", "onnxruntime") \
+                and str(row.get("artifact", "")).endswith(".onnx") and _p50(row):
+            reference.setdefault(row.get("batch_size"), _p50(row))
+    return [reference[row.get("batch_size")] / _p50(row) if reference.get(row.get("batch_size")) and _p50(row)
+            else None for row in rows]
+
+
+_p50 = plots.median_latency_ms
+
+
+# ----------------------------------------------------------------------------- number formats
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f} %" if _num(value) else _NONE
+
+
+def _pts(value: Any) -> str:
+    return f"{value:+.2f}" if _num(value) else _NONE
+
+
+def _ms(value: Any) -> str:
+    return (f"{value:.3f}" if value < 10 else f"{value:.2f}" if value < 100 else f"{value:.1f}") if _num(value) else _NONE
+
+
+def _si(value: Any) -> str:
+    if not _num(value):
+        return _NONE
+    for scale, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{suffix}"
+    return f"{value:g}"
+
+
+def _mb(value: Any) -> str:
+    return f"{value / 1e6:.2f} MB" if _num(value) else _NONE
+
+
+def _verdict(passed: Any) -> Inline:
+    if passed is None:
+        return _NONE
+    return Strong("PASS", "pass") if passed else Strong("FAIL", "fail")
+
+
+def _name(record: dict) -> str:
+    return Path(str(record.get("artifact", "?"))).name
+
+
+
+# ----------------------------------------------------------------------------- sections
+def _recommended_section(inputs: ReportInputs) -> Section:
+    if inputs.bench is None:
+        return Section("Recommended artifact", (Paragraph((
+            "None recommended yet: the run is not benchmarked; run ", Code(f"edge-tl bench {inputs.run_dir}"),
+            " and then ", Code(f"edge-tl report {inputs.run_dir}"), ".")),))
+    recommended = inputs.bench.get("recommended") or {}
+    if not recommended.get("artifact"):
+        reason = recommended.get("reason") or "no benchmarked artifact passed verification"
+        return Section("Recommended artifact", (Paragraph((f"No artifact recommended: {reason}.",)),))
+    name, backend = Path(str(recommended["artifact"])).name, recommended.get("backend")
+    parts: list[Inline] = [Strong(name)]
+    parts += [" on ", Code(str(backend))] if backend else []
+    parts += [f". Why: {recommended.get('reason') or 'no reason recorded in bench.json'}."]
+    facts = []
+    rows = list(inputs.bench.get("rows") or [])
+    for row, speedup in zip(rows, latency_speedups(rows)):
+        if _name(row) == name and row.get("backend", backend) == backend and row.get("batch_size") == 1:
+            facts.append((f"batch-1 latency {_ms(_p50(row))} ms (median)"
+                          + (f", {speedup:.2f}x the speed of the float FP32 ONNX model" if speedup else "")
+                          + f", balanced accuracy {_pct(row.get('balanced_accuracy'))}",))
+    for record in inputs.verifications:
+        if _name(record) == name:
+            facts.append(("verification against the float model of its stage: ", _verdict(record.get("passed")),
+                          f" (balanced accuracy {_pts(record.get('balanced_accuracy_delta'))} points, escape rate "
+                          f"{_pts(record.get('escape_rate_delta'))} points, top-1 agreement "
+                          f"{_pct(record.get('top1_agreement'))})"))
+    return Section("Recommended artifact", (Paragraph(tuple(parts)), Bullets(tuple(facts))))
+
+
+def _dataset_section(inputs: ReportInputs) -> Section:
+    info = inputs.run_info
+    classes, ok_class = info["classes"], info.get("ok_class")
+    counts = split_class_counts(info)
+    totals = info.get("class_counts") or {}
+    columns = ("class", *(("train", "validation")[i] for i, s in enumerate(("train", "val")) if s in counts), "total")
+    rows = []
+    for cls in classes:
+        per_split = [counts[s][cls] for s in ("train", "val") if s in counts]
+        total = totals.get(cls, sum(per_split) if per_split else None)
+        rows.append((cls + (" (ok class)" if cls == ok_class else ""), *map(str, per_split), str(total or _NONE)))
+    split_totals = [sum(counts[s].values()) for s in ("train", "val") if s in counts]
+    all_total = sum(totals.values()) if totals else sum(split_totals)
+    rows.append((Strong("all"), *(Strong(str(n)) for n in split_totals), Strong(str(all_total))))
+    split = info.get("split") or {}
+    lines = [(f"{len(classes)} classes; ok (good part) class: ", Code(str(ok_class)) if ok_class else "none", ".")]
+    if info.get("data_dir"):
+        lines.append(("images from ", Code(str(info["data_dir"])), "."))
+    if split:
+        lines.append((f"stratified split, validation fraction {split.get('val_fraction', _NONE)}, "
+                      f"seed {split.get('seed', _NONE)}.",))
+    if info.get("skipped_files"):
+        lines.append((f"{len(info['skipped_files'])} unreadable files skipped.",))
+    return Section("Dataset", (Bullets(tuple(lines)), Table(columns, tuple(rows))))
+
+
+def _stage_rows(inputs: ReportInputs) -> list[tuple[str, dict, str, str]]:
+    """(label, metrics, delta reference, stage whose params and MACs apply) per stage that ran."""
+    rows = [("fine-tuned (float)", inputs.finetune_metrics, "", "float")] if inputs.finetune_metrics else []
+    if inputs.pruned_metrics:
+        rows.append(("pruned", inputs.pruned_metrics, "vs fine-tuned", "pruned"))
+    for stage, metrics in inputs.quantized.items():
+        rows.append((f"quantized {stage} ({str(metrics.get('mode', '')).upper()} INT8, simulated)", metrics,
+                     f"vs {stage}", stage))
+    return rows
+
+
+def _stage_details(inputs: ReportInputs) -> list[tuple[Inline, ...]]:
+    details = []
+    info, tuned = inputs.run_info, inputs.finetune_metrics
+    if tuned:
+        config = info.get("config") or {}
+        details.append((f"fine-tuned: {info.get('backbone')} at {info.get('img_size')} px, "
+                        f"{len(info.get('history') or [])} epochs run (at most {config.get('epochs', _NONE)}), "
+                        f"{config.get('unfreeze') or 0} trunk blocks unfrozen; {tuned.get('num_samples')} "
+                        "validation images.",))
+    pruned = inputs.pruned_metrics
+    if pruned:
+        config = pruned.get("config") or {}
+        recovery = pruned.get("recovery") or {}
+        details.append((f"pruned ({config.get('method', _NONE)}, sparsity {config.get('sparsity', _NONE)}): params "
+                        f"{_si(pruned.get('parent_params'))} -> {_si(pruned.get('params'))}, MACs "
+                        f"{_si(pruned.get('parent_macs'))} -> {_si(pruned.get('macs'))}, ONNX Runtime latency "
+                        f"{_ms(pruned.get('parent_ort_latency_ms'))} -> {_ms(pruned.get('ort_latency_ms'))} ms; "
+                        f"recovery kept epoch {recovery.get('best_epoch', _NONE)} of "
+                        f"{max(len(recovery.get('history') or [1]) - 1, 0)}.",))
+    for stage, metrics in inputs.quantized.items():
+        details.append((f"quantized {stage}: {str(metrics.get('mode', _NONE)).upper()}, "
+                        f"{metrics.get('method', _NONE)} ranges from {metrics.get('calib_images', _NONE)} "
+                        "calibration images.",))
+    return details
+
+
+def _stages_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section:
+    pruned = inputs.pruned_metrics or {}
+    size = {"float": (pruned.get("parent_params"), pruned.get("parent_macs")),
+            "pruned": (pruned.get("params"), pruned.get("macs"))}
+    rows = []
+    for label, metrics, against, stage in _stage_rows(inputs):
+        delta = metrics.get("balanced_accuracy_delta")
+        rows.append((label, _pct(metrics.get("accuracy")), _pct(metrics.get("balanced_accuracy")),
+                     f"{_pts(delta)} ({against})" if against else _NONE, _pct(metrics.get("escape_rate")),
+                     _pct(metrics.get("false_reject_rate")), *map(_si, size.get(stage, (None, None)))))
+    blocks: list[Block] = []
+    if rows:
+        blocks.append(Table(("model", "accuracy", "balanced accuracy", "delta (points)", "escape rate",
+                             "false reject rate", "params", "MACs"), tuple(rows)))
+        blocks.append(Bullets(tuple(_stage_details(inputs))))
+    else:
+        blocks.append(Paragraph(("No stage metrics found; run ", Code("edge-tl finetune"), " first.")))
+    if inputs.exports:
+        blocks.append(Paragraph(("Exported artifacts (parity: largest logit difference from the PyTorch model on "
+                                 "random inputs):",)))
+        blocks.append(Table(("artifact", "stage", "precision", "size", "opset", "parity max abs diff", "sha256"), tuple(
+            (Code(_name(m)), str(m.get("stage", _NONE)), str(m.get("precision", _NONE)), _mb(m.get("size_bytes")),
+             str(m.get("opset", _NONE)), f"{m['max_abs_diff']:.2e}" if _num(m.get("max_abs_diff")) else _NONE,
+             Code(str(m.get("sha256", ""))[:12])) for m in inputs.exports)))
+    series = plots.recall_series(inputs.run_info["classes"], inputs.finetune_metrics, inputs.verifications)
+    if series:
+        columns = ("class", *(label for label, _ in series))
+        blocks.append(Paragraph(("Per-class recall on the validation split:",)))
+        blocks.append(Table(columns, tuple((cls, *(_pct(recalls[i]) for _, recalls in series))
+                                           for i, cls in enumerate(inputs.run_info["classes"]))))
+    if "recall" in figures:
+        blocks.append(figures["recall"])
+    return Section("Stage metrics", tuple(blocks))
+
+
+def _flips(flips: Any) -> str:
+    if not isinstance(flips, dict) or not flips:
+        return _NONE
+    ranked = sorted(flips.items(), key=lambda item: (-item[1], item[0]))
+    shown = ", ".join(f"{pair} x{count}" for pair, count in ranked[:3])
+    return shown + (f" (+{len(ranked) - 3} more)" if len(ranked) > 3 else "")
+
+
+def _verification_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section:
+    records = inputs.verifications
+    if not records:
+        return Section("Verification", (Paragraph((
+            "No artifact verified yet; run ", Code(f"edge-tl verify {inputs.run_dir} ARTIFACT"),
+            " for each exported artifact.")),))
+    passed = sum(bool(r.get("passed")) for r in records)
+    first = records[0]
+    intro = (f"Each artifact against the float PyTorch model of its stage on the {first.get('data', 'validation split')}"
+             f" ({first.get('num_samples', _NONE)} images). Gate: balanced accuracy may drop by at most "
+             f"{first.get('max_drop', _NONE)} points and the escape rate (defects passed as ok) may rise by at most "
+             f"{first.get('max_escape_rise', _NONE)} points. ")
+    rows = tuple((Code(_name(r)), str(r.get("backend", _NONE)), _pct(r.get("top1_agreement")),
+                  f"{r['max_abs_diff']:.2e}" if _num(r.get("max_abs_diff")) else _NONE,
+                  _pct(r.get("float_balanced_accuracy")), _pct(r.get("balanced_accuracy")),
+                  _pts(r.get("balanced_accuracy_delta")), _pct(r.get("escape_rate")),
+                  _pts(r.get("escape_rate_delta")), _flips(r.get("flips")), _verdict(r.get("passed")))
+                 for r in records)
+    columns = ("artifact", "backend", "top-1 agreement", "max abs logit diff", "float balanced acc.",
+               "balanced acc.", "delta (points)", "escape rate", "escape delta (points)", "class flips", "result")
+    blocks: list[Block] = [Paragraph((intro, Strong(f"{passed} of {len(records)} passed",
+                                                    "pass" if passed == len(records) else "fail"), ".")),
+                           Table(columns, rows)]
+    blocks += [figure for key, figure in figures.items() if key.startswith("confusion")]
+    return Section("Verification", tuple(blocks))
+
+
+def _bench_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section:
+    bench = inputs.bench
+    if bench is None:
+        return Section("Benchmark", (Paragraph(("Not benchmarked; run ", Code(f"edge-tl bench {inputs.run_dir}"),
+                                                ".")),))
+    machine = bench.get("machine") or {}
+    lines = tuple((f"{key}: ", ", ".join(map(str, value)) if isinstance(value, list) else
+                   _NONE if value is None else str(value)) for key, value in machine.items())
+    rows = list(bench.get("rows") or [])
+    order = sorted(range(len(rows)), key=lambda i: (rows[i].get("batch_size") or 0, _p50(rows[i]) or math.inf))
+    speedups = latency_speedups(rows)
+    verdicts = {_name(record): record.get("passed") for record in inputs.verifications}
+    points = plots.latency_points(rows, inputs.verifications)
+    front = {points[i].label for i in plots.pareto_front([(p.latency_ms, p.balanced_accuracy) for p in points])}
+    table_rows = []
+    for i in order:
+        row, latency = rows[i], rows[i].get("latency_ms") or {}
+        notes = [text for text, flag in (("Pareto front", plots.point_label(row) in front and
+                                          row.get("batch_size") == 1), ("unstable", row.get("stable") is False)) if flag]
+        table_rows.append((Code(_name(row)), str(row.get("backend", _NONE)), str(row.get("precision", _NONE)),
+                           str(row.get("batch_size", _NONE)), _ms(latency.get("p50")), _ms(latency.get("p99")),
+                           f"{row['cv']:.3f}" if _num(row.get("cv")) else _NONE,
+                           f"{row['throughput_ips']:.1f}" if _num(row.get("throughput_ips")) else _NONE,
+                           f"{speedups[i]:.2f}x" if speedups[i] else _NONE, _pct(row.get("balanced_accuracy")),
+                           _mb(row.get("size_bytes")), _si(row.get("params")), _si(row.get("macs")),
+                           _mb(row.get("peak_memory_bytes")), _verdict(verdicts.get(_name(row))),
+                           ", ".join(notes) or _NONE))
+    columns = ("artifact", "backend", "precision", "batch", "p50 ms", "p99 ms", "cv", "images/s",
+               "speed-up vs float FP32 ONNX", "balanced acc.", "size", "params", "MACs", "peak memory",
+               "verification", "notes")
+    blocks: list[Block] = [Bullets(lines)] if lines else []
+    blocks.append(Table(columns, tuple(table_rows)) if table_rows else Paragraph(("bench.json has no rows.",)))
+    if "pareto" in figures:
+        blocks.append(figures["pareto"])
+    return Section("Benchmark", tuple(blocks))
+
+
+def build_sections(inputs: ReportInputs, figures: dict[str, Figure]) -> list[Section]:
+    sections = [_recommended_section(inputs), _dataset_section(inputs), _stages_section(inputs, figures),
+                _verification_section(inputs, figures), _bench_section(inputs, figures)]
+    if inputs.recipe_text is not None:
+        sections.append(Section("Recipe", (Paragraph(("The recipe this run used (", Code("recipe.yaml"), "):")),
+                                           Preformatted(inputs.recipe_text))))
+    return sections
+
+
+# ----------------------------------------------------------------------------- rendering
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<|#])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
+def _md_text(text: str) -> str:
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), text).replace("\n", " ")
+
+
+def _md_inline(part: Inline) -> str:
+    if isinstance(part, Code):
+        fence = "`" * (max((len(run) for run in re.findall(r"`+", part.text)), default=0) + 1)
+        return f"{fence} {part.text} {fence}" if "`" in part.text else f"`{part.text}`"
+    if isinstance(part, Strong):
+        return f"**{_md_text(part.text)}**"
+    return _md_text(part)
+
+
+def _md_parts(parts: Sequence[Inline] | Inline) -> str:
+    return "".join(map(_md_inline, (parts,) if isinstance(parts, (str, Code, Strong)) else parts))
+
+
+def render_markdown(title: str, sections: Sequence[Section]) -> str:
+    out = [f"# {_md_text(title)}", ""]
+    for section in sections:
+        out += [f"## {_md_text(section.title)}", ""]
+        for block in section.blocks:
+            if isinstance(block, Paragraph):
+                out.append(_md_parts(block.parts))
+            elif isinstance(block, Bullets):
+                out += [f"- {_md_parts(item)}" for item in block.items]
+            elif isinstance(block, Table):
+                out.append("| " + " | ".join(map(_md_text, block.columns)) + " |")
+                out.append("|" + "|".join("---" for _ in block.columns) + "|")
+                out += ["| " + " | ".join(_md_parts(cell) for cell in row) + " |" for row in block.rows]
+            elif isinstance(block, Figure):
+                out.append(f"![{_md_text(block.caption)}]({block.path})")
+            elif isinstance(block, Preformatted):
+                fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", block.text)), default=0) + 1)
+                out += [f"{fence}yaml", block.text.rstrip("\n"), fence]
+            out.append("")
+    return "\n".join(out)
+
+
+def _html_inline(part: Inline) -> str:
+    if isinstance(part, Code):
+        return f"<code>{html.escape(part.text)}</code>"
+    if isinstance(part, Strong):
+        return f'<strong class="{part.tone}">{html.escape(part.text)}</strong>' if part.tone else \
+            f"<strong>{html.escape(part.text)}</strong>"
+    return html.escape(part)
+
+
+def _html_parts(parts: Sequence[Inline] | Inline) -> str:
+    return "".join(map(_html_inline, (parts,) if isinstance(parts, (str, Code, Strong)) else parts))
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}.pass{color:#137333}.fail{color:#c5221f}
+figure{margin:1em 0}img{max-width:100%}figcaption{font-size:0.9em;color:#555}pre{background:#f6f6f6;padding:1em}"""
+
+
+def render_html(title: str, sections: Sequence[Section]) -> str:
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
+           f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        out.append(f"<h2>{html.escape(section.title)}</h2>")
+        for block in section.blocks:
+            if isinstance(block, Paragraph):
+                out.append(f"<p>{_html_parts(block.parts)}</p>")
+            elif isinstance(block, Bullets):
+                out.append("<ul>" + "".join(f"<li>{_html_parts(item)}</li>" for item in block.items) + "</ul>")
+            elif isinstance(block, Table):
+                head = "".join(f"<th>{html.escape(column)}</th>" for column in block.columns)
+                body = "".join("<tr>" + "".join(f"<td>{_html_parts(cell)}</td>" for cell in row) + "</tr>"
+                               for row in block.rows)
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif isinstance(block, Figure):
+                out.append(f'<figure><img src="{html.escape(block.path)}" alt="{html.escape(block.caption)}">'
+                           f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
+            elif isinstance(block, Preformatted):
+                out.append(f"<pre>{html.escape(block.text)}</pre>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- entry point
+def write_report(run_dir: str | os.PathLike) -> ReportResult:
+    """Write the figures, then report.html, then report.md into ``run_dir``; returns their paths."""
+    inputs = load_report_inputs(run_dir)
+    run_dir = inputs.run_dir
+    written = plots.write_run_plots(run_dir / PLOTS_DIR, inputs.run_info["classes"], inputs.finetune_metrics,
+                                    inputs.verifications, inputs.bench)
+    figures = {key: Figure(path.relative_to(run_dir).as_posix(), caption) for key, (path, caption) in written.items()}
+    info = inputs.run_info
+    title = f"edge-tl report: {run_dir.resolve().name} ({info.get('backbone', '?')}, {info.get('img_size', '?')} px)"
+    sections = build_sections(inputs, figures)
+    html_path = atomic_write_text(run_dir / "report.html", render_html(title, sections))
+    markdown_path = atomic_write_text(run_dir / "report.md", render_markdown(title, sections))
+    logger.info("wrote %s, %s and %d figures", markdown_path, html_path, len(written))
+    return ReportResult(markdown_path, html_path, tuple(path for path, _ in written.values()))
