@@ -76,7 +76,7 @@ class FinetuneResult:
     seconds_per_epoch: float = 0.0
 
 
-def _validate(data_dir: Path, out: Path | None, cfg: FinetuneConfig, force: bool):
+def validate_inputs(data_dir: Path, out: Path | None, cfg: FinetuneConfig, force: bool):
     """Every check that can fail on user input, before any expensive work."""
     spec = get_backbone(cfg.backbone)
     spec.check_img_size(cfg.resolved_img_size(spec))
@@ -365,7 +365,7 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
     """Fine-tune a pretrained backbone on an ImageFolder; write a run directory."""
     started = time.perf_counter()
     data_dir, out = Path(data_dir), Path(out)
-    spec, scan = _validate(data_dir, out, cfg, force)
+    spec, scan = validate_inputs(data_dir, out, cfg, force)
     img_size = cfg.resolved_img_size(spec)
     train, val = data_mod.split_stratified(scan.records, cfg.val_fraction, cfg.seed)
     model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,

@@ -49,7 +49,7 @@ class PruneResult:
     faster_than_parent: bool
 
 
-def _validate(cfg: PruneConfig) -> None:
+def validate_config(cfg: PruneConfig) -> None:
     from edge_tl.prune import METHODS
 
     if cfg.method not in METHODS:
@@ -79,7 +79,7 @@ def prune_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig()) -> PruneRes
     """Prune a fine-tuned run, recover accuracy with distillation, and write RUN_DIR/pruned/."""
     from edge_tl import prune as prune_mod
 
-    _validate(cfg)
+    validate_config(cfg)
     run_dir = Path(run_dir)
     parent, run_info = load_checkpoint(run_dir)
     img_size, classes = run_info["img_size"], run_info["classes"]
@@ -179,7 +179,7 @@ def sweep_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig(),
     """Accuracy (no recovery), MACs and latency per trunk stage and sparsity -> RUN_DIR/pruned_sweep.json."""
     from edge_tl import prune as prune_mod
 
-    _validate(cfg)
+    validate_config(cfg)
     run_dir = Path(run_dir)
     parent, run_info = load_checkpoint(run_dir)
     classes = run_info["classes"]

@@ -191,3 +191,15 @@ def engine_information(trt, engine, context=None) -> str:
     if context is not None:  # with dynamic shapes the formats are only known for a context's shapes
         inspector.execution_context = context
     return inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+
+
+def check_engine_build_possible() -> None:
+    """Raise BackendUnavailableError unless TensorRT imports and can open a builder on a GPU."""
+    trt = import_tensorrt()
+    try:
+        builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    except Exception as err:  # TensorRT raises its own runtime errors (and TypeError for a null builder)
+        raise BackendUnavailableError(f"TensorRT {trt.__version__} cannot open a builder ({err}); "
+                                      "engines need an NVIDIA GPU and driver") from err
+    if builder is None:
+        raise BackendUnavailableError(f"TensorRT {trt.__version__} found no usable GPU; engines need an NVIDIA GPU")
