@@ -201,14 +201,11 @@ def _mb(value: Any) -> str:
 
 
 def _verdict(passed: Any) -> Inline:
-    if passed is None:
-        return _NONE
-    return Strong("PASS", "pass") if passed else Strong("FAIL", "fail")
+    return _NONE if passed is None else Strong("PASS", "pass") if passed else Strong("FAIL", "fail")
 
 
 def _name(record: dict) -> str:
     return Path(str(record.get("artifact", "?"))).name
-
 
 
 # ----------------------------------------------------------------------------- sections
@@ -267,17 +264,6 @@ def _dataset_section(inputs: ReportInputs) -> Section:
     return Section("Dataset", (Bullets(tuple(lines)), Table(columns, tuple(rows))))
 
 
-def _stage_rows(inputs: ReportInputs) -> list[tuple[str, dict, str, str]]:
-    """(label, metrics, delta reference, stage whose params and MACs apply) per stage that ran."""
-    rows = [("fine-tuned (float)", inputs.finetune_metrics, "", "float")] if inputs.finetune_metrics else []
-    if inputs.pruned_metrics:
-        rows.append(("pruned", inputs.pruned_metrics, "vs fine-tuned", "pruned"))
-    for stage, metrics in inputs.quantized.items():
-        rows.append((f"quantized {stage} ({str(metrics.get('mode', '')).upper()} INT8, simulated)", metrics,
-                     f"vs {stage}", stage))
-    return rows
-
-
 def _stage_details(inputs: ReportInputs) -> list[tuple[Inline, ...]]:
     details = []
     info, tuned = inputs.run_info, inputs.finetune_metrics
@@ -308,8 +294,13 @@ def _stages_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section
     pruned = inputs.pruned_metrics or {}
     size = {"float": (pruned.get("parent_params"), pruned.get("parent_macs")),
             "pruned": (pruned.get("params"), pruned.get("macs"))}
+    # (label, metrics, what the delta is against, the stage whose params and MACs apply)
+    stages = [("fine-tuned (float)", inputs.finetune_metrics, "", "float")] if inputs.finetune_metrics else []
+    stages += [("pruned", pruned, "vs fine-tuned", "pruned")] if pruned else []
+    stages += [(f"quantized {stage} ({str(metrics.get('mode', '')).upper()} INT8, simulated)", metrics, f"vs {stage}",
+                stage) for stage, metrics in inputs.quantized.items()]
     rows = []
-    for label, metrics, against, stage in _stage_rows(inputs):
+    for label, metrics, against, stage in stages:
         delta = metrics.get("balanced_accuracy_delta")
         rows.append((label, _pct(metrics.get("accuracy")), _pct(metrics.get("balanced_accuracy")),
                      f"{_pts(delta)} ({against})" if against else _NONE, _pct(metrics.get("escape_rate")),
@@ -437,8 +428,12 @@ def _md_inline(part: Inline) -> str:
     return _md_text(part)
 
 
+def _parts(parts: Sequence[Inline] | Inline) -> Sequence[Inline]:
+    return (parts,) if isinstance(parts, (str, Code, Strong)) else parts
+
+
 def _md_parts(parts: Sequence[Inline] | Inline) -> str:
-    return "".join(map(_md_inline, (parts,) if isinstance(parts, (str, Code, Strong)) else parts))
+    return "".join(map(_md_inline, _parts(parts)))
 
 
 def render_markdown(title: str, sections: Sequence[Section]) -> str:
@@ -473,13 +468,13 @@ def _html_inline(part: Inline) -> str:
 
 
 def _html_parts(parts: Sequence[Inline] | Inline) -> str:
-    return "".join(map(_html_inline, (parts,) if isinstance(parts, (str, Code, Strong)) else parts))
+    return "".join(map(_html_inline, _parts(parts)))
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}.pass{color:#137333}.fail{color:#c5221f}
-figure{margin:1em 0}img{max-width:100%}figcaption{font-size:0.9em;color:#555}pre{background:#f6f6f6;padding:1em}"""
+.wide{overflow-x:auto}figure{margin:1em 0}img{max-width:100%}figcaption{font-size:0.9em;color:#555}pre{background:#f6f6f6;padding:1em}"""
 
 
 def render_html(title: str, sections: Sequence[Section]) -> str:
@@ -496,7 +491,7 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
                 head = "".join(f"<th>{html.escape(column)}</th>" for column in block.columns)
                 body = "".join("<tr>" + "".join(f"<td>{_html_parts(cell)}</td>" for cell in row) + "</tr>"
                                for row in block.rows)
-                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+                out.append(f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
             elif isinstance(block, Figure):
                 out.append(f'<figure><img src="{html.escape(block.path)}" alt="{html.escape(block.caption)}">'
                            f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
