@@ -87,13 +87,15 @@ def plot_accuracy_vs_latency(points: Sequence[LatencyPoint], path: str | os.Path
     latencies = [point.latency_ms for point in points]
     log_scale = min(latencies) > 0 and max(latencies) / min(latencies) > 8
     middle = math.sqrt(min(latencies) * max(latencies)) if log_scale else (min(latencies) + max(latencies)) / 2
+    below = _labels_below(points)
     for index, point in enumerate(points):
         color = _SERIES_COLORS[index % len(_SERIES_COLORS)]
         x, y = point.latency_ms, 100 * point.balanced_accuracy
         axes.scatter([x], [y], s=60, zorder=3, facecolors="none" if point.passed is False else color,
                      edgecolors=color, linewidths=1.8)
         right_side = x > middle and len(points) > 1
-        axes.annotate(_text(point.label), (x, y), fontsize=7, xytext=(-7 if right_side else 7, 5),
+        axes.annotate(_text(point.label), (x, y), fontsize=7, xytext=(-7 if right_side else 7, -11 if index in below
+                                                                      else 5),
                       textcoords="offset points", ha="right" if right_side else "left")
     axes.scatter([points[i].latency_ms for i in front], [100 * points[i].balanced_accuracy for i in front], s=260,
                  zorder=2, facecolors="none", edgecolors="black", linewidths=1.0)
@@ -119,8 +121,20 @@ def plot_accuracy_vs_latency(points: Sequence[LatencyPoint], path: str | os.Path
     if starred:
         handles.append(Line2D([], [], marker="*", markersize=11, linestyle="", color="gold", markeredgecolor="black",
                               label="recommended"))
-    axes.legend(handles=handles, fontsize=7, loc="lower right")
+    axes.legend(handles=handles, fontsize=7, loc="best")
     return _save(figure, path)
+
+
+def _labels_below(points: Sequence[LatencyPoint]) -> set[int]:
+    """Indices whose label goes under the marker: every other one of a run of points at about the same accuracy."""
+    order = sorted(range(len(points)), key=lambda i: (points[i].balanced_accuracy, points[i].latency_ms))
+    below, previous = set(), None
+    for index in order:
+        if previous is not None and abs(points[index].balanced_accuracy - points[previous].balanced_accuracy) < 0.015:
+            if previous not in below:
+                below.add(index)
+        previous = index
+    return below
 
 
 def _draw_confusion(axes, matrix: np.ndarray, classes: Sequence[str], title: str) -> None:
@@ -188,8 +202,14 @@ def median_latency_ms(row: dict) -> float | None:
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
+_IMPLIED_BACKEND = {".onnx": "onnxruntime", ".engine": "tensorrt"}
+
+
 def point_label(row: dict) -> str:
-    return f"{Path(str(row.get('artifact', '?'))).name} [{row.get('backend', '?')}]"
+    """The artifact's file name, with its backend when the name does not already imply it."""
+    name, backend = Path(str(row.get("artifact", "?"))).name, row.get("backend", "?")
+    implied = _IMPLIED_BACKEND.get(Path(name).suffix) == backend or (backend == "torch" and "pytorch" in name)
+    return name if implied else f"{name} [{backend}]"
 
 
 def latency_points(bench_rows: Sequence[dict], verifications: Sequence[dict]) -> list[LatencyPoint]:

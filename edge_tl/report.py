@@ -157,14 +157,15 @@ def split_class_counts(run_info: dict) -> dict[str, dict[str, int]]:
 
 
 def latency_speedups(rows: Sequence[dict]) -> list[float | None]:
-    """Median-latency speed-up of each bench row over the float FP32 ONNX Runtime row of its batch size."""
+    """Each bench row's ``latency_ratio`` (the float FP32 ONNX Runtime row's median latency over this row's,
+    at the same batch size), computed from the rows where bench.json lacks it."""
     reference: dict[Any, float] = {}
     for row in rows:
         if (row.get("stage"), row.get("precision"), row.get("backend")) == ("float", "fp32", "onnxruntime") \
                 and str(row.get("artifact", "")).endswith(".onnx") and _p50(row):
             reference.setdefault(row.get("batch_size"), _p50(row))
-    return [reference[row.get("batch_size")] / _p50(row) if reference.get(row.get("batch_size")) and _p50(row)
-            else None for row in rows]
+    return [row["latency_ratio"] if _num(row.get("latency_ratio")) else reference[row.get("batch_size")] / _p50(row)
+            if reference.get(row.get("batch_size")) and _p50(row) else None for row in rows]
 
 
 _p50 = plots.median_latency_ms
@@ -215,9 +216,12 @@ def _recommended_section(inputs: ReportInputs) -> Section:
             "None recommended yet: the run is not benchmarked; run ", Code(f"edge-tl bench {inputs.run_dir}"),
             " and then ", Code(f"edge-tl report {inputs.run_dir}"), ".")),))
     recommended = inputs.bench.get("recommended") or {}
+    rejected = recommended.get("rejected") if isinstance(recommended.get("rejected"), dict) else {}
+    not_chosen = Bullets(tuple((Code(str(name)), f": {reason}") for name, reason in sorted(rejected.items())))
     if not recommended.get("artifact"):
         reason = recommended.get("reason") or "no benchmarked artifact passed verification"
-        return Section("Recommended artifact", (Paragraph((f"No artifact recommended: {reason}.",)),))
+        return Section("Recommended artifact", (Paragraph((f"No artifact recommended: {reason}.",)),
+                                                *((Paragraph(("Not candidates:",)), not_chosen) if rejected else ())))
     name, backend = Path(str(recommended["artifact"])).name, recommended.get("backend")
     parts: list[Inline] = [Strong(name)]
     parts += [" on ", Code(str(backend))] if backend else []
@@ -235,7 +239,8 @@ def _recommended_section(inputs: ReportInputs) -> Section:
                           f" (balanced accuracy {_pts(record.get('balanced_accuracy_delta'))} points, escape rate "
                           f"{_pts(record.get('escape_rate_delta'))} points, top-1 agreement "
                           f"{_pct(record.get('top1_agreement'))})"))
-    return Section("Recommended artifact", (Paragraph(tuple(parts)), Bullets(tuple(facts))))
+    return Section("Recommended artifact", (Paragraph(tuple(parts)), Bullets(tuple(facts)),
+                                            *((Paragraph(("Not candidates:",)), not_chosen) if rejected else ())))
 
 
 def _dataset_section(inputs: ReportInputs) -> Section:
@@ -370,9 +375,15 @@ def _bench_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section:
     if bench is None:
         return Section("Benchmark", (Paragraph(("Not benchmarked; run ", Code(f"edge-tl bench {inputs.run_dir}"),
                                                 ".")),))
-    machine = bench.get("machine") or {}
-    lines = tuple((f"{key}: ", ", ".join(map(str, value)) if isinstance(value, list) else
-                   _NONE if value is None else str(value)) for key, value in machine.items())
+    def shown(value: Any) -> str:
+        return ", ".join(map(str, value)) if isinstance(value, list) else _NONE if value is None else str(value)
+
+    lines = tuple((f"{key}: {shown(value)}",) for key, value in (bench.get("machine") or {}).items())
+    if bench.get("settings"):
+        lines += (("settings: " + "; ".join(f"{key} {shown(value)}" for key, value in bench["settings"].items()),),)
+    lines += tuple((f"skipped {skip.get('artifact') or 'every artifact'} on {skip.get('backend', '?')}"
+                    + (f" at batch {skip['batch_size']}" if skip.get("batch_size") else "") + f": {skip.get('reason')}",)
+                   for skip in bench.get("skipped") or [] if isinstance(skip, dict))
     rows = list(bench.get("rows") or [])
     order = sorted(range(len(rows)), key=lambda i: (rows[i].get("batch_size") or 0, _p50(rows[i]) or math.inf))
     speedups = latency_speedups(rows)
