@@ -246,7 +246,8 @@ def recall_series(classes: Sequence[str], float_metrics: dict | None,
 def _int8_record_per_stage(verifications: Sequence[dict]) -> dict[str, dict]:
     chosen: dict[str, dict] = {}
     for record in sorted(verifications, key=lambda r: not str(r.get("artifact", "")).endswith(".onnx")):
-        if record.get("precision") == "int8" and record.get("float_confusion_matrix") and record.get("confusion_matrix"):
+        matrices = record.get("float_confusion_matrix") and record.get("confusion_matrix")
+        if record.get("precision") == "int8" and matrices:
             chosen.setdefault(str(record.get("stage", "unknown")), record)
     return chosen
 

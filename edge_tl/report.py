@@ -4,9 +4,9 @@
 run.json (required), metrics.json, pruned/metrics.json, quantized/<stage>/metrics.json, the
 export manifests, verify/*.json, bench.json and recipe.yaml. Whatever is missing is said so in
 its section, with the command that produces it. The report is built once as a small document
-tree (sections of paragraphs, tables, figures) and rendered twice, so Markdown and HTML say the
-same thing and every piece of text from the run (class names, paths) is escaped in one place.
-Figures are written first, the HTML next and the Markdown last, each atomically.
+tree (sections of paragraphs, bullets, tables, figures) and rendered twice, so Markdown and HTML
+say the same thing and text from the run (class names, paths) is escaped in one place. Figures
+are written first (:mod:`edge_tl.plots`), then report.html, then report.md, each atomically.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ _PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
 _NONE = "—"
 
 
-# ----------------------------------------------------------------------------- document tree
+# --- document tree ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Code:
     text: str
@@ -41,26 +41,27 @@ class Code:
 @dataclass(frozen=True)
 class Strong:
     text: str
-    tone: str = ""  # "pass" or "fail" colours the HTML
+    tone: str = ""  # "pass" or "fail": coloured in HTML
 
 
 Inline = Union[str, Code, Strong]
+Parts = Union[Inline, Sequence[Inline]]
 
 
 @dataclass(frozen=True)
 class Paragraph:
-    parts: tuple[Inline, ...]
+    parts: Parts
 
 
 @dataclass(frozen=True)
 class Bullets:
-    items: tuple[tuple[Inline, ...], ...]
+    items: tuple[Parts, ...]
 
 
 @dataclass(frozen=True)
 class Table:
     columns: tuple[str, ...]
-    rows: tuple[tuple[Inline, ...], ...]
+    rows: tuple[tuple[Parts, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -105,15 +106,14 @@ class ReportInputs:
     recipe_text: str | None
 
 
-# ----------------------------------------------------------------------------- reading the run
+# --- reading the run ----------------------------------------------------------------------------
 def _optional_json(path: Path) -> Any:
     return read_json(path) if path.is_file() else None
 
 
 def _artifact_key(record: dict) -> tuple:
-    name = Path(str(record.get("artifact", ""))).name
     return (_STAGE_ORDER.get(record.get("stage"), 9), _PRECISION_ORDER.get(record.get("precision"), 9),
-            name.endswith(".engine"), name)
+            _name(record).endswith(".engine"), _name(record))
 
 
 def load_report_inputs(run_dir: str | os.PathLike) -> ReportInputs:
@@ -125,19 +125,16 @@ def load_report_inputs(run_dir: str | os.PathLike) -> ReportInputs:
     run_info = read_json(run_dir / "run.json")
     if not isinstance(run_info, dict) or not isinstance(run_info.get("classes"), list):
         raise ArtifactError(f"{run_dir / 'run.json'} lists no classes; rerun `edge-tl finetune` for this run")
-    quantized = {}
-    for path in sorted((run_dir / "quantized").glob("*/metrics.json")):
-        quantized[path.parent.name] = read_json(path)
-    export_dir = run_dir / "export"
-    manifests = [read_json(path) for path in sorted(export_dir.glob("*.onnx.json"))]
-    manifests += [read_json(path) for path in sorted(export_dir.glob("*.engine.manifest.json"))]
-    verifications = [read_json(path) for path in sorted((run_dir / "verify").glob("*.json"))]
+    quantized = {path.parent.name: read_json(path) for path in (run_dir / "quantized").glob("*/metrics.json")}
+    exports = [read_json(path) for pattern in ("*.onnx.json", "*.engine.manifest.json")
+               for path in (run_dir / "export").glob(pattern)]
+    verifications = [read_json(path) for path in (run_dir / "verify").glob("*.json")]
     recipe = run_dir / "recipe.yaml"
     return ReportInputs(
         run_dir=run_dir, run_info=run_info, finetune_metrics=_optional_json(run_dir / "metrics.json"),
         pruned_metrics=_optional_json(run_dir / "pruned" / "metrics.json"),
-        quantized=dict(sorted(quantized.items(), key=lambda item: _STAGE_ORDER.get(item[0], 9))),
-        exports=tuple(sorted((m for m in manifests if isinstance(m, dict)), key=_artifact_key)),
+        quantized=dict(sorted(quantized.items(), key=lambda item: (_STAGE_ORDER.get(item[0], 9), item[0]))),
+        exports=tuple(sorted((m for m in exports if isinstance(m, dict)), key=_artifact_key)),
         verifications=tuple(sorted((v for v in verifications if isinstance(v, dict)), key=_artifact_key)),
         bench=_optional_json(run_dir / "bench.json"),
         recipe_text=recipe.read_text(encoding="utf-8") if recipe.is_file() else None,
@@ -146,10 +143,9 @@ def load_report_inputs(run_dir: str | os.PathLike) -> ReportInputs:
 
 def split_class_counts(run_info: dict) -> dict[str, dict[str, int]]:
     """Images per class in each split (``train``, ``val``) from run.json's file lists (``class/file``)."""
-    split = run_info.get("split") or {}
     counts = {}
     for name in ("train", "val"):
-        files = split.get(f"{name}_files")
+        files = (run_info.get("split") or {}).get(f"{name}_files")
         if isinstance(files, list):
             found = Counter(re.split(r"[\\/]", str(file), maxsplit=1)[0] for file in files)
             counts[name] = {cls: found.get(cls, 0) for cls in run_info["classes"]}
@@ -157,21 +153,21 @@ def split_class_counts(run_info: dict) -> dict[str, dict[str, int]]:
 
 
 def latency_speedups(rows: Sequence[dict]) -> list[float | None]:
-    """Each bench row's ``latency_ratio`` (the float FP32 ONNX Runtime row's median latency over this row's,
-    at the same batch size), computed from the rows where bench.json lacks it."""
+    """Each bench row's ``latency_ratio`` (the float FP32 ONNX Runtime row's median latency over this
+    row's, at the same batch size), computed from the rows where bench.json lacks it."""
     reference: dict[Any, float] = {}
     for row in rows:
         if (row.get("stage"), row.get("precision"), row.get("backend")) == ("float", "fp32", "onnxruntime") \
-                and str(row.get("artifact", "")).endswith(".onnx") and _p50(row):
+                and _name(row).endswith(".onnx") and _p50(row):
             reference.setdefault(row.get("batch_size"), _p50(row))
     return [row["latency_ratio"] if _num(row.get("latency_ratio")) else reference[row.get("batch_size")] / _p50(row)
             if reference.get(row.get("batch_size")) and _p50(row) else None for row in rows]
 
 
+# --- number formats -----------------------------------------------------------------------------
 _p50 = plots.median_latency_ms
 
 
-# ----------------------------------------------------------------------------- number formats
 def _num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -185,7 +181,13 @@ def _pts(value: Any) -> str:
 
 
 def _ms(value: Any) -> str:
-    return (f"{value:.3f}" if value < 10 else f"{value:.2f}" if value < 100 else f"{value:.1f}") if _num(value) else _NONE
+    if not _num(value):
+        return _NONE
+    return f"{value:.3f}" if value < 10 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
+
+
+def _sci(value: Any) -> str:
+    return f"{value:.2e}" if _num(value) else _NONE
 
 
 def _si(value: Any) -> str:
@@ -201,6 +203,10 @@ def _mb(value: Any) -> str:
     return f"{value / 1e6:.2f} MB" if _num(value) else _NONE
 
 
+def _listed(value: Any) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else _NONE if value is None else str(value)
+
+
 def _verdict(passed: Any) -> Inline:
     return _NONE if passed is None else Strong("PASS", "pass") if passed else Strong("FAIL", "fail")
 
@@ -209,90 +215,83 @@ def _name(record: dict) -> str:
     return Path(str(record.get("artifact", "?"))).name
 
 
-# ----------------------------------------------------------------------------- sections
+# --- sections -----------------------------------------------------------------------------------
 def _recommended_section(inputs: ReportInputs) -> Section:
-    if inputs.bench is None:
-        return Section("Recommended artifact", (Paragraph((
-            "None recommended yet: the run is not benchmarked; run ", Code(f"edge-tl bench {inputs.run_dir}"),
-            " and then ", Code(f"edge-tl report {inputs.run_dir}"), ".")),))
-    recommended = inputs.bench.get("recommended") or {}
+    title, bench = "Recommended artifact", inputs.bench
+    if bench is None:
+        return Section(title, (Paragraph(("None recommended yet: the run is not benchmarked; run ",
+                                          Code(f"edge-tl bench {inputs.run_dir}"), " and then ",
+                                          Code(f"edge-tl report {inputs.run_dir}"), ".")),))
+    recommended = bench.get("recommended") or {}
     rejected = recommended.get("rejected") if isinstance(recommended.get("rejected"), dict) else {}
-    not_chosen = Bullets(tuple((Code(str(name)), f": {reason}") for name, reason in sorted(rejected.items())))
+    not_chosen = tuple((Code(str(name)), f": {why}") for name, why in sorted(rejected.items()))
+    others = (Paragraph("Not candidates:"), Bullets(not_chosen)) if rejected else ()
     if not recommended.get("artifact"):
         reason = recommended.get("reason") or "no benchmarked artifact passed verification"
-        return Section("Recommended artifact", (Paragraph((f"No artifact recommended: {reason}.",)),
-                                                *((Paragraph(("Not candidates:",)), not_chosen) if rejected else ())))
+        return Section(title, (Paragraph(f"No artifact recommended: {reason}."), *others))
     name, backend = Path(str(recommended["artifact"])).name, recommended.get("backend")
-    parts: list[Inline] = [Strong(name)]
-    parts += [" on ", Code(str(backend))] if backend else []
-    parts += [f". Why: {recommended.get('reason') or 'no reason recorded in bench.json'}."]
-    facts = []
-    rows = list(inputs.bench.get("rows") or [])
+    batch_size = recommended.get("batch_size", 1)
+    facts: list[Parts] = []
+    rows = list(bench.get("rows") or [])
     for row, speedup in zip(rows, latency_speedups(rows)):
-        if _name(row) == name and row.get("backend", backend) == backend and row.get("batch_size") == 1:
-            facts.append((f"batch-1 latency {_ms(_p50(row))} ms (median)"
-                          + (f", {speedup:.2f}x the speed of the float FP32 ONNX model" if speedup else "")
-                          + f", balanced accuracy {_pct(row.get('balanced_accuracy'))}",))
-    for record in inputs.verifications:
-        if _name(record) == name:
-            facts.append(("verification against the float model of its stage: ", _verdict(record.get("passed")),
-                          f" (balanced accuracy {_pts(record.get('balanced_accuracy_delta'))} points, escape rate "
-                          f"{_pts(record.get('escape_rate_delta'))} points, top-1 agreement "
-                          f"{_pct(record.get('top1_agreement'))})"))
-    return Section("Recommended artifact", (Paragraph(tuple(parts)), Bullets(tuple(facts)),
-                                            *((Paragraph(("Not candidates:",)), not_chosen) if rejected else ())))
+        if _name(row) == name and row.get("backend") == backend and row.get("batch_size") == batch_size:
+            facts.append(f"batch-{batch_size} latency {_ms(_p50(row))} ms (median)"
+                         + (f", {speedup:.2f}x the speed of the float FP32 ONNX model" if speedup else "")
+                         + f", balanced accuracy {_pct(row.get('balanced_accuracy'))}")
+    facts += [("verification against the float model of its stage: ", _verdict(record.get("passed")),
+               f" (balanced accuracy {_pts(record.get('balanced_accuracy_delta'))} points, escape rate "
+               f"{_pts(record.get('escape_rate_delta'))} points, top-1 agreement {_pct(record.get('top1_agreement'))})")
+              for record in inputs.verifications if _name(record) == name]
+    why = recommended.get("reason") or "no reason recorded in bench.json"
+    lead = (Strong(name), *((" on ", Code(str(backend))) if backend else ()), f". Why: {why}.")
+    return Section(title, (Paragraph(lead), Bullets(tuple(facts)), *others))
 
 
 def _dataset_section(inputs: ReportInputs) -> Section:
     info = inputs.run_info
-    classes, ok_class = info["classes"], info.get("ok_class")
+    classes, ok_class, split = info["classes"], info.get("ok_class"), info.get("split") or {}
     counts = split_class_counts(info)
     totals = info.get("class_counts") or {}
-    columns = ("class", *(("train", "validation")[i] for i, s in enumerate(("train", "val")) if s in counts), "total")
+    splits = [name for name in ("train", "val") if name in counts]
     rows = []
     for cls in classes:
-        per_split = [counts[s][cls] for s in ("train", "val") if s in counts]
+        per_split = [counts[name][cls] for name in splits]
         total = totals.get(cls, sum(per_split) if per_split else None)
-        rows.append((cls + (" (ok class)" if cls == ok_class else ""), *map(str, per_split), str(total or _NONE)))
-    split_totals = [sum(counts[s].values()) for s in ("train", "val") if s in counts]
-    all_total = sum(totals.values()) if totals else sum(split_totals)
-    rows.append((Strong("all"), *(Strong(str(n)) for n in split_totals), Strong(str(all_total))))
-    split = info.get("split") or {}
-    lines = [(f"{len(classes)} classes; ok (good part) class: ", Code(str(ok_class)) if ok_class else "none", ".")]
-    if info.get("data_dir"):
-        lines.append(("images from ", Code(str(info["data_dir"])), "."))
-    if split:
-        lines.append((f"stratified split, validation fraction {split.get('val_fraction', _NONE)}, "
-                      f"seed {split.get('seed', _NONE)}.",))
-    if info.get("skipped_files"):
-        lines.append((f"{len(info['skipped_files'])} unreadable files skipped.",))
+        rows.append((cls + (" (ok class)" if cls == ok_class else ""), *map(str, per_split), _listed(total)))
+    split_totals = [sum(counts[name].values()) for name in splits]
+    rows.append(tuple(Strong(text) for text in ("all", *map(str, split_totals),
+                                                 str(sum(totals.values()) if totals else sum(split_totals)))))
+    lines: list[Parts] = [(f"{len(classes)} classes; ok (good part) class: ", Code(str(ok_class)) if ok_class
+                           else "none", ".")]
+    lines += [("images from ", Code(str(info["data_dir"])), ".")] if info.get("data_dir") else []
+    lines += [f"stratified split, validation fraction {split.get('val_fraction', _NONE)}, seed "
+              f"{split.get('seed', _NONE)}."] if split else []
+    lines += [f"{len(info['skipped_files'])} unreadable files skipped."] if info.get("skipped_files") else []
+    columns = ("class", *({"train": "train", "val": "validation"}[name] for name in splits), "total")
     return Section("Dataset", (Bullets(tuple(lines)), Table(columns, tuple(rows))))
 
 
-def _stage_details(inputs: ReportInputs) -> list[tuple[Inline, ...]]:
+def _stage_details(inputs: ReportInputs) -> tuple[str, ...]:
+    info, tuned, pruned = inputs.run_info, inputs.finetune_metrics, inputs.pruned_metrics
     details = []
-    info, tuned = inputs.run_info, inputs.finetune_metrics
     if tuned:
         config = info.get("config") or {}
-        details.append((f"fine-tuned: {info.get('backbone')} at {info.get('img_size')} px, "
-                        f"{len(info.get('history') or [])} epochs run (at most {config.get('epochs', _NONE)}), "
-                        f"{config.get('unfreeze') or 0} trunk blocks unfrozen; {tuned.get('num_samples')} "
-                        "validation images.",))
-    pruned = inputs.pruned_metrics
+        details.append(f"fine-tuned: {info.get('backbone')} at {info.get('img_size')} px, "
+                       f"{len(info.get('history') or [])} epochs run (at most {config.get('epochs', _NONE)}), "
+                       f"{config.get('unfreeze') or 0} trunk blocks unfrozen; {tuned.get('num_samples')} "
+                       "validation images.")
     if pruned:
-        config = pruned.get("config") or {}
-        recovery = pruned.get("recovery") or {}
-        details.append((f"pruned ({config.get('method', _NONE)}, sparsity {config.get('sparsity', _NONE)}): params "
-                        f"{_si(pruned.get('parent_params'))} -> {_si(pruned.get('params'))}, MACs "
-                        f"{_si(pruned.get('parent_macs'))} -> {_si(pruned.get('macs'))}, ONNX Runtime latency "
-                        f"{_ms(pruned.get('parent_ort_latency_ms'))} -> {_ms(pruned.get('ort_latency_ms'))} ms; "
-                        f"recovery kept epoch {recovery.get('best_epoch', _NONE)} of "
-                        f"{max(len(recovery.get('history') or [1]) - 1, 0)}.",))
-    for stage, metrics in inputs.quantized.items():
-        details.append((f"quantized {stage}: {str(metrics.get('mode', _NONE)).upper()}, "
-                        f"{metrics.get('method', _NONE)} ranges from {metrics.get('calib_images', _NONE)} "
-                        "calibration images.",))
-    return details
+        config, recovery = pruned.get("config") or {}, pruned.get("recovery") or {}
+        details.append(f"pruned ({config.get('method', _NONE)}, sparsity {config.get('sparsity', _NONE)}): params "
+                       f"{_si(pruned.get('parent_params'))} -> {_si(pruned.get('params'))}, MACs "
+                       f"{_si(pruned.get('parent_macs'))} -> {_si(pruned.get('macs'))}, ONNX Runtime latency "
+                       f"{_ms(pruned.get('parent_ort_latency_ms'))} -> {_ms(pruned.get('ort_latency_ms'))} ms; "
+                       f"recovery kept epoch {recovery.get('best_epoch', _NONE)} of "
+                       f"{max(len(recovery.get('history') or [1]) - 1, 0)}.")
+    details += [f"quantized {stage}: {str(metrics.get('mode', _NONE)).upper()}, {metrics.get('method', _NONE)} "
+                f"ranges from {metrics.get('calib_images', _NONE)} calibration images."
+                for stage, metrics in inputs.quantized.items()]
+    return tuple(details)
 
 
 def _stages_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section:
@@ -304,70 +303,57 @@ def _stages_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section
     stages += [("pruned", pruned, "vs fine-tuned", "pruned")] if pruned else []
     stages += [(f"quantized {stage} ({str(metrics.get('mode', '')).upper()} INT8, simulated)", metrics, f"vs {stage}",
                 stage) for stage, metrics in inputs.quantized.items()]
-    rows = []
-    for label, metrics, against, stage in stages:
-        delta = metrics.get("balanced_accuracy_delta")
-        rows.append((label, _pct(metrics.get("accuracy")), _pct(metrics.get("balanced_accuracy")),
-                     f"{_pts(delta)} ({against})" if against else _NONE, _pct(metrics.get("escape_rate")),
-                     _pct(metrics.get("false_reject_rate")), *map(_si, size.get(stage, (None, None)))))
-    blocks: list[Block] = []
-    if rows:
-        blocks.append(Table(("model", "accuracy", "balanced accuracy", "delta (points)", "escape rate",
-                             "false reject rate", "params", "MACs"), tuple(rows)))
-        blocks.append(Bullets(tuple(_stage_details(inputs))))
-    else:
-        blocks.append(Paragraph(("No stage metrics found; run ", Code("edge-tl finetune"), " first.")))
+    rows = tuple((label, _pct(m.get("accuracy")), _pct(m.get("balanced_accuracy")),
+                  f"{_pts(m.get('balanced_accuracy_delta'))} ({against})" if against else _NONE,
+                  _pct(m.get("escape_rate")), _pct(m.get("false_reject_rate")), *map(_si, size.get(stage, (None,) * 2)))
+                 for label, m, against, stage in stages)
+    blocks: list[Block] = [
+        Table(("model", "accuracy", "balanced accuracy", "delta (points)", "escape rate", "false reject rate",
+               "params", "MACs"), rows), Bullets(_stage_details(inputs))] if rows else [
+        Paragraph(("No stage metrics found; run ", Code("edge-tl finetune"), " first."))]
     if inputs.exports:
-        blocks.append(Paragraph(("Exported artifacts (parity: largest logit difference from the PyTorch model on "
-                                 "random inputs):",)))
+        blocks.append(Paragraph("Exported artifacts (parity: largest logit difference from the PyTorch model on "
+                                "random inputs):"))
         blocks.append(Table(("artifact", "stage", "precision", "size", "opset", "parity max abs diff", "sha256"), tuple(
-            (Code(_name(m)), str(m.get("stage", _NONE)), str(m.get("precision", _NONE)), _mb(m.get("size_bytes")),
-             str(m.get("opset", _NONE)), f"{m['max_abs_diff']:.2e}" if _num(m.get("max_abs_diff")) else _NONE,
-             Code(str(m.get("sha256", ""))[:12])) for m in inputs.exports)))
-    series = plots.recall_series(inputs.run_info["classes"], inputs.finetune_metrics, inputs.verifications)
+            (Code(_name(m)), _listed(m.get("stage")), _listed(m.get("precision")), _mb(m.get("size_bytes")),
+             _listed(m.get("opset")), _sci(m.get("max_abs_diff")), Code(str(m.get("sha256", ""))[:12]))
+            for m in inputs.exports)))
+    classes = inputs.run_info["classes"]
+    series = plots.recall_series(classes, inputs.finetune_metrics, inputs.verifications)
     if series:
-        columns = ("class", *(label for label, _ in series))
-        blocks.append(Paragraph(("Per-class recall on the validation split:",)))
-        blocks.append(Table(columns, tuple((cls, *(_pct(recalls[i]) for _, recalls in series))
-                                           for i, cls in enumerate(inputs.run_info["classes"]))))
-    if "recall" in figures:
-        blocks.append(figures["recall"])
+        blocks.append(Paragraph("Per-class recall on the validation split:"))
+        blocks.append(Table(("class", *(label for label, _ in series)), tuple(
+            (cls, *(_pct(recalls[i]) for _, recalls in series)) for i, cls in enumerate(classes))))
+    blocks += [figures["recall"]] if "recall" in figures else []
     return Section("Stage metrics", tuple(blocks))
 
 
 def _flips(flips: Any) -> str:
-    if not isinstance(flips, dict) or not flips:
-        return _NONE
-    ranked = sorted(flips.items(), key=lambda item: (-item[1], item[0]))
-    shown = ", ".join(f"{pair} x{count}" for pair, count in ranked[:3])
+    ranked = sorted(flips.items(), key=lambda item: (-item[1], item[0])) if isinstance(flips, dict) else []
+    shown = ", ".join(f"{pair} x{count}" for pair, count in ranked[:3]) or _NONE
     return shown + (f" (+{len(ranked) - 3} more)" if len(ranked) > 3 else "")
 
 
 def _verification_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section:
     records = inputs.verifications
     if not records:
-        return Section("Verification", (Paragraph((
-            "No artifact verified yet; run ", Code(f"edge-tl verify {inputs.run_dir} ARTIFACT"),
-            " for each exported artifact.")),))
-    passed = sum(bool(r.get("passed")) for r in records)
-    first = records[0]
-    intro = (f"Each artifact against the float PyTorch model of its stage on the {first.get('data', 'validation split')}"
-             f" ({first.get('num_samples', _NONE)} images). Gate: balanced accuracy may drop by at most "
-             f"{first.get('max_drop', _NONE)} points and the escape rate (defects passed as ok) may rise by at most "
-             f"{first.get('max_escape_rise', _NONE)} points. ")
-    rows = tuple((Code(_name(r)), str(r.get("backend", _NONE)), _pct(r.get("top1_agreement")),
-                  f"{r['max_abs_diff']:.2e}" if _num(r.get("max_abs_diff")) else _NONE,
+        return Section("Verification", (Paragraph(("No artifact verified yet; run ", Code(
+            f"edge-tl verify {inputs.run_dir} ARTIFACT"), " for each exported artifact.")),))
+    passed, first = sum(bool(r.get("passed")) for r in records), records[0]
+    data = ", ".join(sorted({f"{r.get('data', 'validation split')} ({r.get('num_samples', '?')} images)"
+                             for r in records}))
+    intro = (f"Each artifact against the float PyTorch model of its stage on the {data}. Gate: balanced accuracy "
+             f"may drop by at most {first.get('max_drop', _NONE)} points and the escape rate (defects passed as ok) "
+             f"may rise by at most {first.get('max_escape_rise', _NONE)} points. ")
+    rows = tuple((Code(_name(r)), _listed(r.get("backend")), _pct(r.get("top1_agreement")), _sci(r.get("max_abs_diff")),
                   _pct(r.get("float_balanced_accuracy")), _pct(r.get("balanced_accuracy")),
-                  _pts(r.get("balanced_accuracy_delta")), _pct(r.get("escape_rate")),
-                  _pts(r.get("escape_rate_delta")), _flips(r.get("flips")), _verdict(r.get("passed")))
-                 for r in records)
+                  _pts(r.get("balanced_accuracy_delta")), _pct(r.get("escape_rate")), _pts(r.get("escape_rate_delta")),
+                  _flips(r.get("flips")), _verdict(r.get("passed"))) for r in records)
     columns = ("artifact", "backend", "top-1 agreement", "max abs logit diff", "float balanced acc.",
                "balanced acc.", "delta (points)", "escape rate", "escape delta (points)", "class flips", "result")
-    blocks: list[Block] = [Paragraph((intro, Strong(f"{passed} of {len(records)} passed",
-                                                    "pass" if passed == len(records) else "fail"), ".")),
-                           Table(columns, rows)]
-    blocks += [figure for key, figure in figures.items() if key.startswith("confusion")]
-    return Section("Verification", tuple(blocks))
+    summary = Strong(f"{passed} of {len(records)} passed", "pass" if passed == len(records) else "fail")
+    return Section("Verification", (Paragraph((intro, summary, ".")), Table(columns, rows),
+                                    *(figure for key, figure in figures.items() if key.startswith("confusion"))))
 
 
 def _bench_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section:
@@ -375,28 +361,24 @@ def _bench_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section:
     if bench is None:
         return Section("Benchmark", (Paragraph(("Not benchmarked; run ", Code(f"edge-tl bench {inputs.run_dir}"),
                                                 ".")),))
-    def shown(value: Any) -> str:
-        return ", ".join(map(str, value)) if isinstance(value, list) else _NONE if value is None else str(value)
-
-    lines = tuple((f"{key}: {shown(value)}",) for key, value in (bench.get("machine") or {}).items())
+    lines = [f"{key}: {_listed(value)}" for key, value in (bench.get("machine") or {}).items()]
     if bench.get("settings"):
-        lines += (("settings: " + "; ".join(f"{key} {shown(value)}" for key, value in bench["settings"].items()),),)
-    lines += tuple((f"skipped {skip.get('artifact') or 'every artifact'} on {skip.get('backend', '?')}"
-                    + (f" at batch {skip['batch_size']}" if skip.get("batch_size") else "") + f": {skip.get('reason')}",)
-                   for skip in bench.get("skipped") or [] if isinstance(skip, dict))
+        lines.append("settings: " + "; ".join(f"{key} {_listed(value)}" for key, value in bench["settings"].items()))
+    lines += [f"skipped {skip.get('artifact') or 'every artifact'} on {skip.get('backend', '?')}"
+              + (f" at batch {skip['batch_size']}" if skip.get("batch_size") else "") + f": {skip.get('reason')}"
+              for skip in bench.get("skipped") or [] if isinstance(skip, dict)]
     rows = list(bench.get("rows") or [])
-    order = sorted(range(len(rows)), key=lambda i: (rows[i].get("batch_size") or 0, _p50(rows[i]) or math.inf))
     speedups = latency_speedups(rows)
     verdicts = {_name(record): record.get("passed") for record in inputs.verifications}
     points = plots.latency_points(rows, inputs.verifications)
     front = {points[i].label for i in plots.pareto_front([(p.latency_ms, p.balanced_accuracy) for p in points])}
     table_rows = []
-    for i in order:
+    for i in sorted(range(len(rows)), key=lambda i: (rows[i].get("batch_size") or 0, _p50(rows[i]) or math.inf)):
         row, latency = rows[i], rows[i].get("latency_ms") or {}
-        notes = [text for text, flag in (("Pareto front", plots.point_label(row) in front and
-                                          row.get("batch_size") == 1), ("unstable", row.get("stable") is False)) if flag]
-        table_rows.append((Code(_name(row)), str(row.get("backend", _NONE)), str(row.get("precision", _NONE)),
-                           str(row.get("batch_size", _NONE)), _ms(latency.get("p50")), _ms(latency.get("p99")),
+        on_front = row.get("batch_size") == 1 and plots.point_label(row) in front
+        notes = [text for text, flag in (("Pareto front", on_front), ("unstable", row.get("stable") is False)) if flag]
+        table_rows.append((Code(_name(row)), _listed(row.get("backend")), _listed(row.get("precision")),
+                           _listed(row.get("batch_size")), _ms(latency.get("p50")), _ms(latency.get("p99")),
                            f"{row['cv']:.3f}" if _num(row.get("cv")) else _NONE,
                            f"{row['throughput_ips']:.1f}" if _num(row.get("throughput_ips")) else _NONE,
                            f"{speedups[i]:.2f}x" if speedups[i] else _NONE, _pct(row.get("balanced_accuracy")),
@@ -406,14 +388,12 @@ def _bench_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section:
     columns = ("artifact", "backend", "precision", "batch", "p50 ms", "p99 ms", "cv", "images/s",
                "speed-up vs float FP32 ONNX", "balanced acc.", "size", "params", "MACs", "peak memory",
                "verification", "notes")
-    blocks: list[Block] = [Bullets(lines)] if lines else []
-    blocks.append(Table(columns, tuple(table_rows)) if table_rows else Paragraph(("bench.json has no rows.",)))
-    if "pareto" in figures:
-        blocks.append(figures["pareto"])
-    return Section("Benchmark", tuple(blocks))
+    table = Table(columns, tuple(table_rows)) if table_rows else Paragraph("bench.json has no rows.")
+    return Section("Benchmark", (Bullets(tuple(lines)), table, *([figures["pareto"]] if "pareto" in figures else [])))
 
 
 def build_sections(inputs: ReportInputs, figures: dict[str, Figure]) -> list[Section]:
+    """The report's sections in order; ``figures`` maps :func:`edge_tl.plots.write_run_plots` keys to figures."""
     sections = [_recommended_section(inputs), _dataset_section(inputs), _stages_section(inputs, figures),
                 _verification_section(inputs, figures), _bench_section(inputs, figures)]
     if inputs.recipe_text is not None:
@@ -422,29 +402,31 @@ def build_sections(inputs: ReportInputs, figures: dict[str, Figure]) -> list[Sec
     return sections
 
 
-# ----------------------------------------------------------------------------- rendering
+# --- rendering ----------------------------------------------------------------------------------
 _MD_SPECIAL = re.compile(r"([\\`*\[\]<|#])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
 
 
-def _md_text(text: str) -> str:
-    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), text).replace("\n", " ")
-
-
-def _md_inline(part: Inline) -> str:
-    if isinstance(part, Code):
-        fence = "`" * (max((len(run) for run in re.findall(r"`+", part.text)), default=0) + 1)
-        return f"{fence} {part.text} {fence}" if "`" in part.text else f"`{part.text}`"
-    if isinstance(part, Strong):
-        return f"**{_md_text(part.text)}**"
-    return _md_text(part)
-
-
-def _parts(parts: Sequence[Inline] | Inline) -> Sequence[Inline]:
+def _inline(parts: Parts) -> Sequence[Inline]:
     return (parts,) if isinstance(parts, (str, Code, Strong)) else parts
 
 
-def _md_parts(parts: Sequence[Inline] | Inline) -> str:
-    return "".join(map(_md_inline, _parts(parts)))
+def _md_text(text: str) -> str:
+    return _MD_SPECIAL.sub(lambda match: "\\" + match.group(0), text).replace("\n", " ")
+
+
+def _fence(text: str, least: int) -> str:
+    return "`" * max(least, max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+
+
+def _md(parts: Parts) -> str:
+    out = []
+    for part in _inline(parts):
+        if isinstance(part, Code):
+            out.append(f"{_fence(part.text, 1)} {part.text} {_fence(part.text, 1)}" if "`" in part.text
+                       else f"`{part.text}`")
+        else:
+            out.append(f"**{_md_text(part.text)}**" if isinstance(part, Strong) else _md_text(part))
+    return "".join(out)
 
 
 def render_markdown(title: str, sections: Sequence[Section]) -> str:
@@ -453,74 +435,74 @@ def render_markdown(title: str, sections: Sequence[Section]) -> str:
         out += [f"## {_md_text(section.title)}", ""]
         for block in section.blocks:
             if isinstance(block, Paragraph):
-                out.append(_md_parts(block.parts))
+                out.append(_md(block.parts))
             elif isinstance(block, Bullets):
-                out += [f"- {_md_parts(item)}" for item in block.items]
+                out += [f"- {_md(item)}" for item in block.items]
             elif isinstance(block, Table):
-                out.append("| " + " | ".join(map(_md_text, block.columns)) + " |")
-                out.append("|" + "|".join("---" for _ in block.columns) + "|")
-                out += ["| " + " | ".join(_md_parts(cell) for cell in row) + " |" for row in block.rows]
+                out += ["| " + " | ".join(map(_md_text, block.columns)) + " |", "|---" * len(block.columns) + "|"]
+                out += ["| " + " | ".join(map(_md, row)) + " |" for row in block.rows]
             elif isinstance(block, Figure):
                 out.append(f"![{_md_text(block.caption)}]({block.path})")
             elif isinstance(block, Preformatted):
-                fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", block.text)), default=0) + 1)
-                out += [f"{fence}yaml", block.text.rstrip("\n"), fence]
+                out += [f"{_fence(block.text, 3)}yaml", block.text.rstrip("\n"), _fence(block.text, 3)]
             out.append("")
     return "\n".join(out)
 
 
-def _html_inline(part: Inline) -> str:
-    if isinstance(part, Code):
-        return f"<code>{html.escape(part.text)}</code>"
-    if isinstance(part, Strong):
-        return f'<strong class="{part.tone}">{html.escape(part.text)}</strong>' if part.tone else \
-            f"<strong>{html.escape(part.text)}</strong>"
-    return html.escape(part)
-
-
-def _html_parts(parts: Sequence[Inline] | Inline) -> str:
-    return "".join(map(_html_inline, _parts(parts)))
+def _html(parts: Parts) -> str:
+    out = []
+    for part in _inline(parts):
+        if isinstance(part, Code):
+            out.append(f"<code>{html.escape(part.text)}</code>")
+        elif isinstance(part, Strong):
+            tone = f' class="{part.tone}"' if part.tone else ""
+            out.append(f"<strong{tone}>{html.escape(part.text)}</strong>")
+        else:
+            out.append(html.escape(part))
+    return "".join(out)
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}.pass{color:#137333}.fail{color:#c5221f}
-.wide{overflow-x:auto}figure{margin:1em 0}img{max-width:100%}figcaption{font-size:0.9em;color:#555}pre{background:#f6f6f6;padding:1em}"""
+.wide{overflow-x:auto}figure{margin:1em 0}img{max-width:100%}figcaption{font-size:0.9em;color:#555}
+pre{background:#f6f6f6;padding:1em}"""
 
 
 def render_html(title: str, sections: Sequence[Section]) -> str:
+    """A self-contained page (inline CSS); figures are referenced relative to the run directory."""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
            f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     for section in sections:
         out.append(f"<h2>{html.escape(section.title)}</h2>")
         for block in section.blocks:
             if isinstance(block, Paragraph):
-                out.append(f"<p>{_html_parts(block.parts)}</p>")
+                out.append(f"<p>{_html(block.parts)}</p>")
             elif isinstance(block, Bullets):
-                out.append("<ul>" + "".join(f"<li>{_html_parts(item)}</li>" for item in block.items) + "</ul>")
+                out.append("<ul>" + "".join(f"<li>{_html(item)}</li>" for item in block.items) + "</ul>")
             elif isinstance(block, Table):
                 head = "".join(f"<th>{html.escape(column)}</th>" for column in block.columns)
-                body = "".join("<tr>" + "".join(f"<td>{_html_parts(cell)}</td>" for cell in row) + "</tr>"
+                body = "".join("<tr>" + "".join(f"<td>{_html(cell)}</td>" for cell in row) + "</tr>"
                                for row in block.rows)
-                out.append(f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
+                out.append(f'<div class="wide"><table><thead><tr>{head}</tr></thead>'
+                           f"<tbody>{body}</tbody></table></div>")
             elif isinstance(block, Figure):
                 out.append(f'<figure><img src="{html.escape(block.path)}" alt="{html.escape(block.caption)}">'
                            f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
             elif isinstance(block, Preformatted):
                 out.append(f"<pre>{html.escape(block.text)}</pre>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + ["</body></html>", ""])
 
 
-# ----------------------------------------------------------------------------- entry point
+# --- entry point --------------------------------------------------------------------------------
 def write_report(run_dir: str | os.PathLike) -> ReportResult:
     """Write the figures, then report.html, then report.md into ``run_dir``; returns their paths."""
     inputs = load_report_inputs(run_dir)
-    run_dir = inputs.run_dir
-    written = plots.write_run_plots(run_dir / PLOTS_DIR, inputs.run_info["classes"], inputs.finetune_metrics,
+    run_dir, info = inputs.run_dir, inputs.run_info
+    written = plots.write_run_plots(run_dir / PLOTS_DIR, info["classes"], inputs.finetune_metrics,
                                     inputs.verifications, inputs.bench)
     figures = {key: Figure(path.relative_to(run_dir).as_posix(), caption) for key, (path, caption) in written.items()}
-    info = inputs.run_info
     title = f"edge-tl report: {run_dir.resolve().name} ({info.get('backbone', '?')}, {info.get('img_size', '?')} px)"
     sections = build_sections(inputs, figures)
     html_path = atomic_write_text(run_dir / "report.html", render_html(title, sections))
