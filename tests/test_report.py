@@ -20,7 +20,7 @@ from PIL import Image
 from edge_tl.errors import ArtifactError
 from edge_tl.metrics import classification_metrics
 from edge_tl.plots import pareto_front
-from edge_tl.report import split_class_counts, write_report
+from edge_tl.report import latency_speedups, split_class_counts, write_report
 from edge_tl.verify import compare
 
 # one class name carries markup characters: it must come out escaped in HTML and Markdown
@@ -196,6 +196,31 @@ def test_pareto_front_on_hand_made_points():
     assert pareto_front(points) == [6, 0, 1, 4, 3]
     assert pareto_front([(1.0, 0.5)]) == [0]
     assert pareto_front([]) == []
+
+
+def test_latency_speedups_use_bench_ratios_or_the_float_fp32_onnx_row():
+    rows = [_bench_row("float", "int8", 1, 0.8), _bench_row("float", "fp32", 1, 0.9),
+            _bench_row("pruned", "int8", 8, 0.8)]
+    for row in rows:
+        del row["latency_ratio"]
+    # batch 1: 8.0 ms reference over 3.2 ms and itself; batch 8 has no float FP32 ONNX row to compare with
+    assert latency_speedups(rows) == [pytest.approx(2.5), pytest.approx(1.0), None]
+    rows[0]["latency_ratio"] = 2.4  # what bench.json says wins over a recomputation
+    assert latency_speedups(rows)[0] == 2.4
+
+
+def test_no_recommendation_lists_the_rejected(tmp_path):
+    run_dir = tmp_path / "run"
+    make_run_dir(run_dir)
+    bench = json.loads((run_dir / "bench.json").read_text())
+    rejected = {"model.float.int8.onnx": "failed verification",
+                "model.pruned.int8.onnx": "balanced accuracy 8.33 points below the float model"}
+    bench["recommended"] = {"artifact": None, "batch_size": 1, "reason": "no artifact passed verification",
+                            "rejected": rejected}
+    _write(run_dir / "bench.json", bench)
+    section = _section(write_report(run_dir).markdown_path.read_text(encoding="utf-8"), "Recommended artifact")
+    assert section.splitlines()[0] == "No artifact recommended: no artifact passed verification."
+    assert "- `model.pruned.int8.onnx`: balanced accuracy 8.33 points below the float model" in section
 
 
 def test_plots_are_real_pngs(reported):
