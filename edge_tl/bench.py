@@ -86,7 +86,8 @@ def validate_config(cfg: BenchConfig) -> None:
         raise ConfigError(f"--backends {','.join(map(str, cfg.backends)) or '(none)'}: unknown {unknown}; "
                           f"choose from {','.join(BACKENDS)}")
     if not cfg.batch_sizes or not all(_is_int(size) and size >= 1 for size in cfg.batch_sizes):
-        raise ConfigError(f"--batch {','.join(map(str, cfg.batch_sizes)) or '(none)'} must list integers >= 1, e.g. 1,8")
+        shown = ",".join(map(str, cfg.batch_sizes)) or "(none)"
+        raise ConfigError(f"--batch {shown} must list integers >= 1, e.g. 1,8")
     for label, value, low in (("--warmup", cfg.warmup, 0), ("min_runs", cfg.min_runs, 2),
                               ("max_runs", cfg.max_runs, max(cfg.min_runs, 2)), ("--threads", cfg.threads, 1)):
         if not _is_int(value) or value < low:
@@ -205,7 +206,7 @@ def unavailable_reason(backend: str) -> str | None:
     missing = [name for name in _BACKEND_MODULES[backend] if importlib.util.find_spec(name) is None]
     if not missing:
         return None
-    fix = "pip install 'edge-tl[tensorrt]' on an NVIDIA GPU machine" if backend == "tensorrt" else f"pip install {backend}"
+    fix = f"pip install {backend}" if backend != "tensorrt" else "pip install 'edge-tl[tensorrt]' on an NVIDIA GPU machine"
     return f"{backend} needs {' and '.join(missing)}, not installed here; {fix}"
 
 
@@ -500,6 +501,10 @@ def bench_table(result: BenchResult) -> Table:
 
 # --- the stage ---------------------------------------------------------------------------------
 
+def _settings(cfg: BenchConfig) -> dict[str, Any]:
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(cfg).items()}
+
+
 def benchmark(run_dir: str | Path, cfg: BenchConfig = BenchConfig()) -> BenchResult:
     """Time every artifact of a run on every available backend; write RUN_DIR/bench.json and bench.csv."""
     validate_config(cfg)
@@ -509,7 +514,7 @@ def benchmark(run_dir: str | Path, cfg: BenchConfig = BenchConfig()) -> BenchRes
     backends = _available_backends(cfg.backends, skipped)
     targets, verdicts, facts = _run_targets(run_dir, run_info, cfg, backends, skipped)
     rows = _time_targets(targets, cfg, skipped)
-    result = BenchResult(machine_record(cfg.threads), dataclasses.asdict(cfg), tuple(rows), tuple(skipped),
+    result = BenchResult(machine_record(cfg.threads), _settings(cfg), tuple(rows), tuple(skipped),
                          recommend(rows, verdicts, facts["float"]))
     atomic_write_text(run_dir / BENCH_CSV, bench_csv(rows))
     atomic_write_json(run_dir / BENCH_JSON, result.to_dict())
@@ -526,8 +531,9 @@ def benchmark_artifact(path: str | Path, cfg: BenchConfig = BenchConfig()) -> Be
     if not path.is_file():
         raise ArtifactError(f"artifact {path} does not exist; export one with `edge-tl export RUN_DIR`")
     if backend not in cfg.backends:
-        raise ConfigError(f"{path.name} runs on {backend}, which --backends {','.join(cfg.backends)} leaves out; add it")
+        raise ConfigError(f"{path.name} runs on {backend}, which --backends {','.join(cfg.backends)} leaves out; "
+                          "add it")
     skipped: list[dict] = []
     _available_backends([backend], skipped)
     rows = _time_targets([_artifact_target(path, backend, cfg)], cfg, skipped)
-    return BenchResult(machine_record(cfg.threads), dataclasses.asdict(cfg), tuple(rows), tuple(skipped))
+    return BenchResult(machine_record(cfg.threads), _settings(cfg), tuple(rows), tuple(skipped))
