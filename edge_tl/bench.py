@@ -206,7 +206,8 @@ def unavailable_reason(backend: str) -> str | None:
     missing = [name for name in _BACKEND_MODULES[backend] if importlib.util.find_spec(name) is None]
     if not missing:
         return None
-    fix = f"pip install {backend}" if backend != "tensorrt" else "pip install 'edge-tl[tensorrt]' on an NVIDIA GPU machine"
+    fix = "pip install 'edge-tl[tensorrt]' on an NVIDIA GPU machine" if backend == "tensorrt" else (
+        f"pip install {backend}")
     return f"{backend} needs {' and '.join(missing)}, not installed here; {fix}"
 
 
@@ -217,7 +218,9 @@ def _available_backends(requested: Sequence[str], skipped: list[dict]) -> list[s
         if reason is None:
             available.append(backend)
         else:
-            logger.warning("skipping backend %s: %s", backend, reason)
+            # the default list names every backend: a missing one is news only when asked for by name
+            logger.log(logging.INFO if tuple(requested) == BACKENDS else logging.WARNING,
+                       "skipping backend %s: %s", backend, reason)
             skipped.append({"artifact": None, "backend": backend, "batch_size": None, "reason": reason})
     if not available:
         raise BackendUnavailableError("; ".join(entry["reason"] for entry in skipped) + ", or choose another backend")
@@ -455,7 +458,8 @@ def recommend(rows: Sequence[BenchRow], verdicts: Mapping[str, dict], float_fact
                 "reason": "no artifact passed verification within its gate of the fine-tuned float model; "
                           "recalibrate, quantize with QAT or prune less, then verify again"}
     best = min(candidates, key=lambda row: row.latency_ms["p50"])
-    versus = f", {best.latency_ratio:.2f}x as fast as {REFERENCE_ARTIFACT}" if best.latency_ratio else ""
+    versus = f", {best.latency_ratio:.2f}x as fast as {REFERENCE_ARTIFACT}" if best.latency_ratio and (
+        best.artifact != REFERENCE_ARTIFACT) else ""
     reason = (f"fastest at batch {batch_size} (p50 {best.latency_ms['p50']:.3f} ms{versus}) of {len(candidates)} "
               f"artifact(s) that passed verification, balanced accuracy {best.balanced_accuracy:.4f} vs "
               f"{float_facts['balanced_accuracy']:.4f} for the fine-tuned float model")
