@@ -12,13 +12,19 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from edge_tl.artifacts import atomic_output_path
 
 DPI = 120
+# the file names write_run_plots gives figures; nothing else in a plots folder is the report's
+PARETO_PNG = "accuracy_vs_latency.png"
+RECALL_PNG = "per_class_recall.png"
+_STAGE_NAME_CHARS = "A-Za-z0-9_.-"  # a stage name's other characters become "_" in confusion_<stage>_int8.png
+_RUN_PLOT_NAME = re.compile(
+    rf"{re.escape(PARETO_PNG)}|{re.escape(RECALL_PNG)}|confusion_[{_STAGE_NAME_CHARS}]*_int8\.png")
 _FLOAT_COLOR = "#4d4d4d"
 _SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
@@ -260,13 +266,13 @@ def write_run_plots(plots_dir: str | os.PathLike, classes: Sequence[str], float_
     points = latency_points((bench or {}).get("rows") or [], verifications)
     if points:
         recommended = (bench or {}).get("recommended") or {}
-        path = plot_accuracy_vs_latency(points, plots_dir / "accuracy_vs_latency.png",
+        path = plot_accuracy_vs_latency(points, plots_dir / PARETO_PNG,
                                         point_label(recommended) if recommended.get("artifact") else None)
         written["pareto"] = (path, "Balanced accuracy against batch-1 median latency; the Pareto front is ringed "
                                    "and joined, hollow markers failed verification.")
     for stage, record in _int8_record_per_stage(verifications).items():
         name = Path(str(record.get("artifact"))).name
-        safe_stage = re.sub(r"[^A-Za-z0-9_.-]", "_", stage)
+        safe_stage = re.sub(f"[^{_STAGE_NAME_CHARS}]", "_", stage)
         path = plot_confusion_pair(record["float_confusion_matrix"], record["confusion_matrix"],
                                    record.get("classes") or classes, plots_dir / f"confusion_{safe_stage}_int8.png",
                                    f"float PyTorch model, {stage} stage", name)
@@ -275,6 +281,17 @@ def write_run_plots(plots_dir: str | os.PathLike, classes: Sequence[str], float_
     series = recall_series(classes, float_metrics, verifications)
     if series:
         path = plot_per_class_recall(classes, [(label, [0.0 if math.isnan(v) else v for v in values])
-                                               for label, values in series], plots_dir / "per_class_recall.png")
+                                               for label, values in series], plots_dir / RECALL_PNG)
         written["recall"] = (path, "Per-class recall on the validation split: the float model and each artifact.")
     return written
+
+
+def remove_stale_run_plots(plots_dir: str | os.PathLike, keep: Iterable[str | os.PathLike]) -> list[Path]:
+    """Delete the PNGs in ``plots_dir`` named as :func:`write_run_plots` names figures but not in ``keep``
+    (figures an earlier report drew and this one does not); other files are left alone. Returns the deleted paths."""
+    kept = {Path(path).name for path in keep}
+    stale = sorted(path for path in Path(plots_dir).glob("*.png")
+                   if _RUN_PLOT_NAME.fullmatch(path.name) and path.name not in kept and not path.is_dir())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

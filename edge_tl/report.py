@@ -4,13 +4,13 @@
 run.json (required), metrics.json, pruned/metrics.json, quantized/<stage>/metrics.json, the
 export manifests, verify/*.json, bench.json and recipe.yaml. Whatever is missing is said so in
 its section, with the command that produces it. The report is built once as a small document
-tree (sections of paragraphs, bullets, tables, figures) and rendered twice, so Markdown and HTML
-say the same thing and text from the run (class names, paths) is escaped in one place. Figures
-are written first (:mod:`edge_tl.plots`), then report.html, then report.md, each atomically.
+tree (:mod:`edge_tl.report_render`: sections of paragraphs, bullets, tables, figures) and rendered
+twice, so Markdown and HTML say the same thing and text from the run (class names, paths) is
+escaped in one place. Figures are written first (:mod:`edge_tl.plots`), then report.html, then
+report.md, each atomically.
 """
 from __future__ import annotations
 
-import html
 import logging
 import math
 import os
@@ -18,11 +18,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 from edge_tl import plots
 from edge_tl.artifacts import atomic_write_text, read_json
 from edge_tl.errors import ArtifactError
+from edge_tl.report_render import (Block, Bullets, Code, Figure, Inline, Paragraph, Parts, Preformatted, Section,
+                                   Strong, Table, render_html, render_markdown)
 
 logger = logging.getLogger(__name__)
 
@@ -30,58 +32,6 @@ PLOTS_DIR = "plots"
 _STAGE_ORDER = {"float": 0, "pruned": 1}
 _PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
 _NONE = "—"
-
-
-# --- document tree ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Code:
-    text: str
-
-
-@dataclass(frozen=True)
-class Strong:
-    text: str
-    tone: str = ""  # "pass" or "fail": coloured in HTML
-
-
-Inline = Union[str, Code, Strong]
-Parts = Union[Inline, Sequence[Inline]]
-
-
-@dataclass(frozen=True)
-class Paragraph:
-    parts: Parts
-
-
-@dataclass(frozen=True)
-class Bullets:
-    items: tuple[Parts, ...]
-
-
-@dataclass(frozen=True)
-class Table:
-    columns: tuple[str, ...]
-    rows: tuple[tuple[Parts, ...], ...]
-
-
-@dataclass(frozen=True)
-class Figure:
-    path: str  # relative to the run directory, POSIX separators
-    caption: str
-
-
-@dataclass(frozen=True)
-class Preformatted:
-    text: str
-
-
-Block = Union[Paragraph, Bullets, Table, Figure, Preformatted]
-
-
-@dataclass(frozen=True)
-class Section:
-    title: str
-    blocks: tuple[Block, ...]
 
 
 @dataclass(frozen=True)
@@ -402,110 +352,24 @@ def build_sections(inputs: ReportInputs, figures: dict[str, Figure]) -> list[Sec
     return sections
 
 
-# --- rendering ----------------------------------------------------------------------------------
-_MD_SPECIAL = re.compile(r"([\\`*\[\]<|#])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
-
-
-def _inline(parts: Parts) -> Sequence[Inline]:
-    return (parts,) if isinstance(parts, (str, Code, Strong)) else parts
-
-
-def _md_text(text: str) -> str:
-    return _MD_SPECIAL.sub(lambda match: "\\" + match.group(0), text).replace("\n", " ")
-
-
-def _fence(text: str, least: int) -> str:
-    return "`" * max(least, max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
-
-
-def _md(parts: Parts) -> str:
-    out = []
-    for part in _inline(parts):
-        if isinstance(part, Code):
-            out.append(f"{_fence(part.text, 1)} {part.text} {_fence(part.text, 1)}" if "`" in part.text
-                       else f"`{part.text}`")
-        else:
-            out.append(f"**{_md_text(part.text)}**" if isinstance(part, Strong) else _md_text(part))
-    return "".join(out)
-
-
-def render_markdown(title: str, sections: Sequence[Section]) -> str:
-    out = [f"# {_md_text(title)}", ""]
-    for section in sections:
-        out += [f"## {_md_text(section.title)}", ""]
-        for block in section.blocks:
-            if isinstance(block, Paragraph):
-                out.append(_md(block.parts))
-            elif isinstance(block, Bullets):
-                out += [f"- {_md(item)}" for item in block.items]
-            elif isinstance(block, Table):
-                out += ["| " + " | ".join(map(_md_text, block.columns)) + " |", "|---" * len(block.columns) + "|"]
-                out += ["| " + " | ".join(map(_md, row)) + " |" for row in block.rows]
-            elif isinstance(block, Figure):
-                out.append(f"![{_md_text(block.caption)}]({block.path})")
-            elif isinstance(block, Preformatted):
-                out += [f"{_fence(block.text, 3)}yaml", block.text.rstrip("\n"), _fence(block.text, 3)]
-            out.append("")
-    return "\n".join(out)
-
-
-def _html(parts: Parts) -> str:
-    out = []
-    for part in _inline(parts):
-        if isinstance(part, Code):
-            out.append(f"<code>{html.escape(part.text)}</code>")
-        elif isinstance(part, Strong):
-            tone = f' class="{part.tone}"' if part.tone else ""
-            out.append(f"<strong{tone}>{html.escape(part.text)}</strong>")
-        else:
-            out.append(html.escape(part))
-    return "".join(out)
-
-
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}.pass{color:#137333}.fail{color:#c5221f}
-.wide{overflow-x:auto}figure{margin:1em 0}img{max-width:100%}figcaption{font-size:0.9em;color:#555}
-pre{background:#f6f6f6;padding:1em}"""
-
-
-def render_html(title: str, sections: Sequence[Section]) -> str:
-    """A self-contained page (inline CSS); figures are referenced relative to the run directory."""
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
-           f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
-    for section in sections:
-        out.append(f"<h2>{html.escape(section.title)}</h2>")
-        for block in section.blocks:
-            if isinstance(block, Paragraph):
-                out.append(f"<p>{_html(block.parts)}</p>")
-            elif isinstance(block, Bullets):
-                out.append("<ul>" + "".join(f"<li>{_html(item)}</li>" for item in block.items) + "</ul>")
-            elif isinstance(block, Table):
-                head = "".join(f"<th>{html.escape(column)}</th>" for column in block.columns)
-                body = "".join("<tr>" + "".join(f"<td>{_html(cell)}</td>" for cell in row) + "</tr>"
-                               for row in block.rows)
-                out.append(f'<div class="wide"><table><thead><tr>{head}</tr></thead>'
-                           f"<tbody>{body}</tbody></table></div>")
-            elif isinstance(block, Figure):
-                out.append(f'<figure><img src="{html.escape(block.path)}" alt="{html.escape(block.caption)}">'
-                           f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
-            elif isinstance(block, Preformatted):
-                out.append(f"<pre>{html.escape(block.text)}</pre>")
-    return "\n".join(out + ["</body></html>", ""])
-
-
 # --- entry point --------------------------------------------------------------------------------
 def write_report(run_dir: str | os.PathLike) -> ReportResult:
-    """Write the figures, then report.html, then report.md into ``run_dir``; returns their paths."""
+    """Write the figures, then report.html, then report.md into ``run_dir``; returns their paths.
+
+    Last, figures an earlier report drew under its own names in ``run_dir/plots`` and this one no longer
+    shows are deleted; other files there are left alone."""
     inputs = load_report_inputs(run_dir)
     run_dir, info = inputs.run_dir, inputs.run_info
-    written = plots.write_run_plots(run_dir / PLOTS_DIR, info["classes"], inputs.finetune_metrics,
-                                    inputs.verifications, inputs.bench)
+    plots_dir = run_dir / PLOTS_DIR
+    written = plots.write_run_plots(plots_dir, info["classes"], inputs.finetune_metrics, inputs.verifications,
+                                    inputs.bench)
     figures = {key: Figure(path.relative_to(run_dir).as_posix(), caption) for key, (path, caption) in written.items()}
     title = f"edge-tl report: {run_dir.resolve().name} ({info.get('backbone', '?')}, {info.get('img_size', '?')} px)"
     sections = build_sections(inputs, figures)
     html_path = atomic_write_text(run_dir / "report.html", render_html(title, sections))
     markdown_path = atomic_write_text(run_dir / "report.md", render_markdown(title, sections))
-    logger.info("wrote %s, %s and %d figures", markdown_path, html_path, len(written))
-    return ReportResult(markdown_path, html_path, tuple(path for path, _ in written.values()))
+    plot_paths = tuple(path for path, _ in written.values())
+    stale = plots.remove_stale_run_plots(plots_dir, plot_paths)
+    logger.info("wrote %s, %s and %d figures; removed %d stale figures", markdown_path, html_path, len(written),
+                len(stale))
+    return ReportResult(markdown_path, html_path, plot_paths)

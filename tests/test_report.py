@@ -270,6 +270,34 @@ def test_html_is_escaped_and_self_contained(reported):
     assert page.count('<strong class="fail">FAIL</strong>') == 1 + 2  # verification row, bench rows at batch 1 and 8
 
 
+def test_rerun_removes_only_its_own_stale_figures(tmp_path):
+    run_dir = tmp_path / "run"
+    make_run_dir(run_dir)
+    first = write_report(run_dir)
+    assert len(first.plot_paths) == 4
+    plots_dir = run_dir / "plots"
+    # not the report's: another naming scheme, another extension, a folder; a stage an earlier run had is
+    (plots_dir / "annotated_defects.png").write_bytes(b"mine")
+    (plots_dir / "per_class_recall.png.bak").write_bytes(b"mine")
+    (plots_dir / "confusion_old_int8.png" / "nested").mkdir(parents=True)
+    (plots_dir / "confusion_qat-v1_int8.png").write_bytes(b"earlier report")
+    # the run loses its benchmark and the pruned INT8 verification: two of the four figures are no longer drawn
+    (run_dir / "bench.json").unlink()
+    (run_dir / "verify" / "model.pruned.int8.onnx.json").unlink()
+    second = write_report(run_dir)
+    assert sorted(path.name for path in second.plot_paths) == ["confusion_float_int8.png", "per_class_recall.png"]
+    assert sorted(path.name for path in plots_dir.iterdir()) == [
+        "annotated_defects.png", "confusion_float_int8.png", "confusion_old_int8.png", "per_class_recall.png",
+        "per_class_recall.png.bak"]
+    assert (plots_dir / "annotated_defects.png").read_bytes() == b"mine"
+    assert (plots_dir / "confusion_old_int8.png" / "nested").is_dir()
+    markdown = second.markdown_path.read_text(encoding="utf-8")
+    assert "accuracy_vs_latency" not in markdown and "confusion_pruned_int8" not in markdown
+    parser = _Collector()
+    parser.feed(second.html_path.read_text(encoding="utf-8"))
+    assert sorted(parser.images) == ["plots/confusion_float_int8.png", "plots/per_class_recall.png"]
+
+
 def test_missing_bench_says_so(tmp_path):
     run_dir = tmp_path / "run"
     make_run_dir(run_dir, with_bench=False)
