@@ -15,20 +15,14 @@ timing the row's model; each model runs once, unmeasured, before its first row, 
 one-time runtime set-up are not charged to that row.
 
 Accuracy: ``RUN_DIR/verify/<artifact>.json`` when it covers the validation split and its
-``artifact_sha256`` matches the file; otherwise the artifact is run on the validation split with
-:mod:`edge_tl.verify`'s own loading, preprocessing and batching. PyTorch rows take their stage's
-``metrics.json``. ``recommended`` is the fastest artifact (p50 at the smallest batch size, batch 1
-by default) that passed verification and whose own balanced accuracy and escape rate are also
-within that verification's gate of the fine-tuned float model: a pruned artifact is verified
-against the pruned model, so its gate alone does not bound what pruning lost. PyTorch rows are the
-reference, not candidates.
+``artifact_sha256`` matches the file; otherwise :func:`edge_tl.verify.artifact_predictions` runs the
+artifact on the validation split with verify's own loading, preprocessing and batching. PyTorch
+rows take their stage's ``metrics.json``. The rows, bench.json, bench.csv and the recommended
+artifact are :mod:`edge_tl.bench_records`' (its names are re-exported here).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import importlib.util
-import io
 import logging
 import math
 from contextlib import nullcontext
@@ -39,9 +33,11 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from edge_tl.artifacts import atomic_write_json, atomic_write_text, read_json, sha256_file
+from edge_tl.bench_records import (BENCH_CSV, BENCH_JSON, LATENCY_KEYS, REFERENCE_ARTIFACT, BenchResult, BenchRow,
+                                   bench_csv, csv_columns, load_bench, recommend, with_ratios)
 from edge_tl.errors import ArtifactError, BackendUnavailableError, ConfigError, DatasetError
 from edge_tl.machine import (coefficient_of_variation, latency_stats, machine_record, peak_rss_growth,
-                             time_inference, torch_threads)
+                             time_inference, torch_threads, unavailable_reason)
 from edge_tl.runners.base import Runner, TensorSpec
 
 if TYPE_CHECKING:
@@ -49,13 +45,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["BACKENDS", "BENCH_CSV", "BENCH_JSON", "LATENCY_KEYS", "REFERENCE_ARTIFACT", "SUFFIX_BACKENDS",
+           "BenchConfig", "BenchResult", "BenchRow", "bench_csv", "bench_table", "benchmark", "benchmark_artifact",
+           "csv_columns", "load_bench", "recommend", "unavailable_reason", "validate_config", "with_ratios"]
+
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 SUFFIX_BACKENDS = {".onnx": "onnxruntime", ".engine": "tensorrt"}
-_BACKEND_MODULES = {"torch": ("torch",), "onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt", "pycuda")}
-REFERENCE_ARTIFACT = "model.float.fp32.onnx"
-LATENCY_KEYS = ("mean", "p50", "p90", "p99", "min", "max")
-BENCH_JSON, BENCH_CSV = "bench.json", "bench.csv"
-_POINTS_TOLERANCE = 1e-9  # as in verify: a drop of exactly the allowed points must not fail on rounding
 
 
 @dataclass(frozen=True)
@@ -97,89 +92,6 @@ def validate_config(cfg: BenchConfig) -> None:
             raise ConfigError(f"{label} {value!r} must be a number > 0, e.g. {example}")
 
 
-@dataclass(frozen=True)
-class BenchRow:
-    """One (artifact, backend, batch size) measurement. ``latency_ms``: mean, p50, p90, p99, min and
-    max; ``latency_ratio``: the float FP32 ONNX row's p50 over this row's at the same batch size
-    (above 1: faster); ``accuracy_source``: where accuracy came from (None: not measured)."""
-
-    artifact: str
-    backend: str
-    precision: str | None
-    stage: str | None
-    batch_size: int
-    latency_ms: dict[str, float]
-    cv: float
-    stable: bool
-    runs: int
-    throughput_ips: float
-    size_bytes: int
-    params: int | None = None
-    macs: int | None = None
-    accuracy: float | None = None
-    balanced_accuracy: float | None = None
-    escape_rate: float | None = None
-    accuracy_source: str | None = None
-    peak_memory_bytes: int | None = None
-    latency_ratio: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def flat(self) -> dict[str, Any]:
-        """``to_dict`` with ``latency_ms`` spread into ``latency_ms_mean`` ... ``latency_ms_max`` (CSV)."""
-        values = self.to_dict()
-        values.update({f"latency_ms_{key}": value for key, value in values.pop("latency_ms").items()})
-        return {column: values[column] for column in csv_columns()}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> BenchRow:
-        fields = dataclasses.fields(cls)
-        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in values]
-        unknown = sorted(set(values) - {f.name for f in fields})
-        latency = values.get("latency_ms")
-        if missing or unknown or not isinstance(latency, Mapping) or set(latency) != set(LATENCY_KEYS):
-            raise ArtifactError(f"bench row {values.get('artifact', '?')!r} is malformed (missing {missing}, unknown "
-                                f"{unknown}, latency_ms {latency!r}); rerun `edge-tl bench`")
-        return cls(**{**values, "latency_ms": {key: float(latency[key]) for key in LATENCY_KEYS}})
-
-
-def csv_columns() -> list[str]:
-    names = [f.name for f in dataclasses.fields(BenchRow)]
-    at = names.index("latency_ms")
-    return [*names[:at], *(f"latency_ms_{key}" for key in LATENCY_KEYS), *names[at + 1:]]
-
-
-@dataclass(frozen=True)
-class BenchResult:
-    """bench.json: the machine, the settings, the rows, what was skipped and why, and the
-    recommended artifact (None for a lone artifact)."""
-
-    machine: dict[str, Any]
-    settings: dict[str, Any]
-    rows: tuple[BenchRow, ...]
-    skipped: tuple[dict[str, Any], ...] = ()
-    recommended: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"machine": dict(self.machine), "settings": dict(self.settings),
-                "rows": [row.to_dict() for row in self.rows], "skipped": [dict(entry) for entry in self.skipped],
-                "recommended": self.recommended}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> BenchResult:
-        if not isinstance(values, Mapping) or not isinstance(values.get("rows"), list):
-            raise ArtifactError("bench.json has no list of rows; rerun `edge-tl bench`")
-        return cls(dict(values.get("machine", {})), dict(values.get("settings", {})),
-                   tuple(BenchRow.from_dict(row) for row in values["rows"]),
-                   tuple(dict(entry) for entry in values.get("skipped", [])), values.get("recommended"))
-
-
-def load_bench(run_dir: str | Path) -> BenchResult:
-    """RUN_DIR/bench.json as a BenchResult."""
-    return BenchResult.from_dict(read_json(Path(run_dir) / BENCH_JSON))
-
-
 # --- timing targets ----------------------------------------------------------------------------
 
 class _Unsupported(Exception):
@@ -199,16 +111,6 @@ class _Target:
     stage: str | None = None
     max_batch: int | None = None
     facts: dict = dataclasses.field(default_factory=dict)  # params, macs, accuracy, ... of BenchRow
-
-
-def unavailable_reason(backend: str) -> str | None:
-    """Why ``backend`` cannot run here (a package is missing), or None when it can."""
-    missing = [name for name in _BACKEND_MODULES[backend] if importlib.util.find_spec(name) is None]
-    if not missing:
-        return None
-    fix = "pip install 'edge-tl[tensorrt]' on an NVIDIA GPU machine" if backend == "tensorrt" else (
-        f"pip install {backend}")
-    return f"{backend} needs {' and '.join(missing)}, not installed here; {fix}"
 
 
 def _available_backends(requested: Sequence[str], skipped: list[dict]) -> list[str]:
@@ -359,31 +261,12 @@ def _verdict(run_dir: Path, artifact: Path) -> dict | None:
     return result
 
 
-def _artifact_metrics(artifact: Path, run_info: dict) -> dict[str, Any]:
-    """Validation metrics of an artifact, loaded, preprocessed and batched exactly as verify does."""
-    from edge_tl import verify as verify_mod
-    from edge_tl.metrics import classification_metrics
-
-    metadata = verify_mod.artifact_metadata(artifact)
-    verify_mod.check_metadata(metadata, run_info, artifact)
-    records, _ = verify_mod._records(run_info, None)
-    runner, _, max_batch = verify_mod._artifact_runner(artifact)
-    img_size, input_name, output_name = int(metadata["input_size"][0]), metadata["input_name"], metadata["output_name"]
-    chunk, logits = verify_mod.DEFAULT_BATCH_SIZE, []
-    with runner:
-        size, exact = verify_mod._batch_sizes(runner, input_name, chunk, max_batch)
-        for start in range(0, len(records), chunk):
-            images = verify_mod._load_images(records[start:start + chunk], img_size, metadata["mean"], metadata["std"])
-            logits.append(verify_mod._run(runner, images, input_name, output_name, size, exact))
-    return classification_metrics([r.label for r in records], np.concatenate(logits).argmax(1), run_info["classes"],
-                                  run_info.get("ok_class"))
-
-
 def _run_targets(run_dir: Path, run_info: dict, cfg: BenchConfig, backends: list[str], skipped: list[dict]
                  ) -> tuple[list[_Target], dict[str, dict], dict[str, dict]]:
     """(targets, verify results by artifact name, facts by stage) for every artifact of a run."""
     from edge_tl.prune_stage import PRUNED_DIR, load_stage_model
     from edge_tl.runners.torch_runner import TorchRunner
+    from edge_tl.verify import artifact_predictions
 
     stages = ["float", *(["pruned"] if (run_dir / PRUNED_DIR).is_dir() else [])]
     facts = {stage: _stage_facts(run_dir, stage, run_info) for stage in stages}
@@ -405,8 +288,8 @@ def _run_targets(run_dir: Path, run_info: dict, cfg: BenchConfig, backends: list
                 verdicts[path.name] = verdict
             metrics, source = verdict or {}, f"verify/{path.name}.json"
             if verdict is None or verdict.get("data") != "validation split":
-                try:
-                    metrics, source = _artifact_metrics(path, run_info), "computed on the validation split"
+                try:  # verify's own loading, preprocessing and batching
+                    metrics, source = artifact_predictions(run_dir, path).metrics(), "computed on the validation split"
                 except DatasetError as err:  # a run copied to a device without its images: time it anyway
                     logger.warning("no accuracy for %s: %s", path.name, err)
                     metrics, source = {}, None
@@ -418,64 +301,7 @@ def _run_targets(run_dir: Path, run_info: dict, cfg: BenchConfig, backends: list
     return targets, verdicts, facts
 
 
-# --- ratios, recommendation, outputs -----------------------------------------------------------
-
-def with_ratios(rows: Sequence[BenchRow]) -> list[BenchRow]:
-    """Rows with ``latency_ratio`` = the float FP32 ONNX row's p50 / the row's p50, per batch size."""
-    reference = {row.batch_size: row.latency_ms["p50"] for row in rows
-                 if row.artifact == REFERENCE_ARTIFACT and row.backend == "onnxruntime"}
-    return [dataclasses.replace(row, latency_ratio=reference[row.batch_size] / row.latency_ms["p50"])
-            if row.batch_size in reference else row for row in rows]
-
-
-def _rejection(row: BenchRow, verdict: dict | None, float_facts: Mapping[str, Any]) -> str | None:
-    """Why ``row``'s artifact cannot be recommended, or None when it can."""
-    if verdict is None:
-        return "not verified; run `edge-tl verify` on it"
-    if not verdict["passed"]:
-        return "failed verification"
-    if row.balanced_accuracy is None:
-        return "no validation accuracy"
-    drop = 100.0 * (float_facts["balanced_accuracy"] - row.balanced_accuracy)
-    if drop > verdict["max_drop"] + _POINTS_TOLERANCE:
-        return f"balanced accuracy {drop:.2f} points below the fine-tuned float model (gate {verdict['max_drop']})"
-    if row.escape_rate is not None and float_facts.get("escape_rate") is not None:
-        rise = 100.0 * (row.escape_rate - float_facts["escape_rate"])
-        if rise > verdict["max_escape_rise"] + _POINTS_TOLERANCE:
-            return f"escape rate {rise:+.2f} points above the fine-tuned float model"
-    return None
-
-
-def recommend(rows: Sequence[BenchRow], verdicts: Mapping[str, dict], float_facts: Mapping[str, Any]) -> dict:
-    """The fastest artifact at the smallest batch size among those verification let through (see module doc)."""
-    batch_size = min(row.batch_size for row in rows)
-    at_batch = [row for row in rows if row.backend != "torch" and row.batch_size == batch_size]
-    rejected = {row.artifact: _rejection(row, verdicts.get(row.artifact), float_facts) for row in at_batch}
-    candidates = [row for row in at_batch if rejected[row.artifact] is None]
-    rejected = {name: reason for name, reason in rejected.items() if reason is not None}
-    if not candidates:
-        return {"artifact": None, "batch_size": batch_size, "rejected": rejected,
-                "reason": "no artifact passed verification within its gate of the fine-tuned float model; "
-                          "recalibrate, quantize with QAT or prune less, then verify again"}
-    best = min(candidates, key=lambda row: row.latency_ms["p50"])
-    versus = f", {best.latency_ratio:.2f}x as fast as {REFERENCE_ARTIFACT}" if best.latency_ratio and (
-        best.artifact != REFERENCE_ARTIFACT) else ""
-    reason = (f"fastest at batch {batch_size} (p50 {best.latency_ms['p50']:.3f} ms{versus}) of {len(candidates)} "
-              f"artifact(s) that passed verification, balanced accuracy {best.balanced_accuracy:.4f} vs "
-              f"{float_facts['balanced_accuracy']:.4f} for the fine-tuned float model")
-    return {"artifact": best.artifact, "backend": best.backend, "precision": best.precision, "batch_size": batch_size,
-            "latency_ms_p50": best.latency_ms["p50"], "latency_ratio": best.latency_ratio,
-            "balanced_accuracy": best.balanced_accuracy, "reason": reason, "rejected": rejected}
-
-
-def bench_csv(rows: Sequence[BenchRow]) -> str:
-    """One line per row; ``latency_ms`` flattened into ``latency_ms_mean`` ... ``latency_ms_max``."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, csv_columns(), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(row.flat() for row in rows)
-    return buffer.getvalue()
-
+# --- the table and the stage ----------------------------------------------------------------
 
 def bench_table(result: BenchResult) -> Table:
     """The rows by batch size and p50 latency, with the speed ratio to the float FP32 ONNX row."""
@@ -502,8 +328,6 @@ def bench_table(result: BenchResult) -> Table:
     table.caption = "\n".join(notes)
     return table
 
-
-# --- the stage ---------------------------------------------------------------------------------
 
 def _settings(cfg: BenchConfig) -> dict[str, Any]:
     return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(cfg).items()}

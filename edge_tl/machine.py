@@ -2,6 +2,7 @@
 
 - :func:`machine_record`: CPU, cores, threads, OS, library versions, ONNX Runtime providers, GPU and
   TensorRT (None when absent), and the load average, since a shared machine slows every row.
+- :func:`unavailable_reason`: why a backend cannot run here (a package is missing), or None.
 - :func:`time_inference`: warm-up, then timed inferences (the runner's host wall clock around the
   backend call, copies included) until the coefficient of variation (sample std / mean) is at most
   ``target_cv`` after ``min_runs`` runs, or ``min_time_s`` of timed runs are spent, or ``max_runs``.
@@ -29,6 +30,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from edge_tl.runners.base import Runner
+
+_BACKEND_MODULES = {"torch": ("torch",), "onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt", "pycuda")}
 
 
 def cpu_model() -> str:
@@ -101,6 +104,16 @@ def machine_record(threads: int) -> dict[str, Any]:
         **_gpu(),
         "tensorrt": _tensorrt_version(),
     }
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run here (a package is missing), or None when it can."""
+    missing = [name for name in _BACKEND_MODULES[backend] if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    fix = "pip install 'edge-tl[tensorrt]' on an NVIDIA GPU machine" if backend == "tensorrt" else (
+        f"pip install {backend}")
+    return f"{backend} needs {' and '.join(missing)}, not installed here; {fix}"
 
 
 def _status_kib(key: str) -> int | None:

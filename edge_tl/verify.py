@@ -11,7 +11,9 @@ class flips and the gate decision) is written to ``RUN_DIR/verify/<artifact file
 The gate passes when the balanced accuracy drops by at most ``max_drop`` points and the escape
 rate (defects predicted as the ok class) rises by at most ``max_escape_rise`` points.
 :func:`check_gate` turns a failed result into :class:`~edge_tl.errors.AccuracyRegressionError`
-(exit code 1), which is what a release pipeline keys on.
+(exit code 1), which is what a release pipeline keys on. :func:`artifact_predictions` is the
+loading, preprocessing and batching on its own: an artifact's logits (and, when asked, its float
+model's) with the labels, for whoever needs an artifact's accuracy without the gate.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import logging
 import math
 import os
 from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +40,7 @@ ARTIFACT_SUFFIXES = (".onnx", ".engine")
 REQUIRED_METADATA = ("stage", "input_size", "mean", "std", "class_names", "input_name", "output_name")
 DEFAULT_BATCH_SIZE = 32
 # deltas are differences of ratios times 100; a drop of exactly max_drop must not fail on rounding
-_POINTS_TOLERANCE = 1e-9
+POINTS_TOLERANCE = 1e-9
 
 
 def verify_path(run_dir: str | os.PathLike, artifact: str | os.PathLike) -> Path:
@@ -144,12 +148,78 @@ def _load_images(records: Sequence, img_size: int, mean, std) -> np.ndarray:
     return batch
 
 
-def _check_limits(max_drop: float, max_escape_rise: float, batch_size: int) -> None:
+def _check_limits(max_drop: float, max_escape_rise: float) -> None:
     for label, value in (("--max-drop", max_drop), ("--max-escape-rise", max_escape_rise)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ConfigError(f"{label} {value!r} must be a number of percentage points >= 0, e.g. 1.0")
+
+
+@dataclass(frozen=True)
+class ArtifactPredictions:
+    """An artifact's logits over labelled images, and its float model's when asked for. ``data``:
+    "validation split" or the folder; ``stage`` and ``precision``: from the artifact's metadata."""
+
+    artifact: str
+    backend: str
+    stage: str
+    precision: str | None
+    data: str
+    classes: list[str]
+    ok_class: str | None
+    labels: list[int]
+    logits: np.ndarray
+    float_logits: np.ndarray | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        """The artifact's :func:`~edge_tl.metrics.classification_metrics` over these images."""
+        return classification_metrics(self.labels, self.logits.argmax(1), self.classes, self.ok_class)
+
+
+def artifact_predictions(
+    run_dir: str | os.PathLike,
+    artifact: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    with_float: bool = False,
+) -> ArtifactPredictions:
+    """Run ``artifact`` on the run's validation split (or ``data_dir``, with the run's classes) after
+    checking its metadata against run.json; ``with_float`` also runs the float PyTorch model of the
+    artifact's stage on the very same arrays. Images are decoded once, ``batch_size`` at a time."""
+    from edge_tl.prune_stage import load_stage_model
+    from edge_tl.runners.torch_runner import TorchRunner
+
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size {batch_size!r} must be an integer >= 1, e.g. {DEFAULT_BATCH_SIZE}")
+    run_dir, artifact = Path(run_dir), Path(artifact)
+    if artifact.suffix not in ARTIFACT_SUFFIXES:
+        raise ConfigError(f"artifact {artifact.name} is neither .onnx nor .engine; pass a file from {run_dir / 'export'}")
+    if not artifact.is_file():
+        raise ArtifactError(f"artifact {artifact} does not exist; create it with `edge-tl export {run_dir}`")
+    run_info = read_json(run_dir / "run.json")
+    metadata = artifact_metadata(artifact)
+    check_metadata(metadata, run_info, artifact)
+    records, data_label = _records(run_info, data_dir)
+    if not records:
+        raise DatasetError(f"no images to verify on in {data_label}; pass --data DIR with images of every class")
+    stage, img_size = metadata["stage"], int(metadata["input_size"][0])
+    input_name, output_name = metadata["input_name"], metadata["output_name"]
+
+    model = load_stage_model(run_dir, stage)[0] if with_float else None
+    reference = None if model is None else TorchRunner(model, img_size, input_name, output_name)
+    runner, backend, max_batch = _artifact_runner(artifact)
+    artifact_parts, float_parts = [], []
+    with runner, reference or nullcontext():
+        size, exact = _batch_sizes(runner, input_name, batch_size, max_batch)
+        for start in range(0, len(records), batch_size):  # decode each image once, feed both runners
+            images = _load_images(records[start:start + batch_size], img_size, metadata["mean"], metadata["std"])
+            artifact_parts.append(_run(runner, images, input_name, output_name, size, exact))
+            if reference is not None:
+                float_parts.append(_run(reference, images, input_name, output_name, batch_size, False))
+    return ArtifactPredictions(
+        artifact.name, backend, stage, metadata.get("precision"), data_label, list(run_info["classes"]),
+        run_info.get("ok_class"), [record.label for record in records], np.concatenate(artifact_parts),
+        np.concatenate(float_parts) if float_parts else None,
+    )
 
 
 def compare(float_logits: np.ndarray, artifact_logits: np.ndarray, labels: Sequence[int], classes: Sequence[str],
@@ -173,12 +243,12 @@ def compare(float_logits: np.ndarray, artifact_logits: np.ndarray, labels: Seque
         "float_balanced_accuracy": reference["balanced_accuracy"],
         "balanced_accuracy_delta": delta,
     }
-    passed = -delta <= max_drop + _POINTS_TOLERANCE
+    passed = -delta <= max_drop + POINTS_TOLERANCE
     if ok_class is not None:
         rise = 100.0 * (metrics["escape_rate"] - reference["escape_rate"])
         result.update({"ok_class": ok_class, "escape_rate": metrics["escape_rate"],
                        "float_escape_rate": reference["escape_rate"], "escape_rate_delta": rise})
-        passed = passed and rise <= max_escape_rise + _POINTS_TOLERANCE
+        passed = passed and rise <= max_escape_rise + POINTS_TOLERANCE
     result.update({
         "flips": dict(sorted(flips.items(), key=lambda item: (-item[1], item[0]))),
         "confusion_matrix": metrics["confusion_matrix"],
@@ -201,45 +271,19 @@ def verify(
     ``max_drop`` and ``max_escape_rise`` are in percentage points. A failed gate is a result with
     ``passed`` false, not an exception: call :func:`check_gate` to raise it.
     """
-    from edge_tl.runners.torch_runner import TorchRunner
-    from edge_tl.prune_stage import load_stage_model
-
-    _check_limits(max_drop, max_escape_rise, batch_size)
-    run_dir, artifact = Path(run_dir), Path(artifact)
-    if artifact.suffix not in ARTIFACT_SUFFIXES:
-        raise ConfigError(f"artifact {artifact.name} is neither .onnx nor .engine; pass a file from {run_dir / 'export'}")
-    if not artifact.is_file():
-        raise ArtifactError(f"artifact {artifact} does not exist; create it with `edge-tl export {run_dir}`")
-    run_info = read_json(run_dir / "run.json")
-    metadata = artifact_metadata(artifact)
-    check_metadata(metadata, run_info, artifact)
-    records, data_label = _records(run_info, data_dir)
-    if not records:
-        raise DatasetError(f"no images to verify on in {data_label}; pass --data DIR with images of every class")
-    stage, img_size = metadata["stage"], int(metadata["input_size"][0])
-    input_name, output_name = metadata["input_name"], metadata["output_name"]
-
-    labels = [record.label for record in records]
-    model, _ = load_stage_model(run_dir, stage)
-    runner, backend, max_batch = _artifact_runner(artifact)
-    artifact_parts, float_parts = [], []
-    with runner, TorchRunner(model, img_size, input_name, output_name) as reference:
-        size, exact = _batch_sizes(runner, input_name, batch_size, max_batch)
-        for start in range(0, len(records), batch_size):  # decode each image once, feed both runners
-            images = _load_images(records[start:start + batch_size], img_size, metadata["mean"], metadata["std"])
-            artifact_parts.append(_run(runner, images, input_name, output_name, size, exact))
-            float_parts.append(_run(reference, images, input_name, output_name, batch_size, False))
-    artifact_logits, float_logits = np.concatenate(artifact_parts), np.concatenate(float_parts)
-
+    _check_limits(max_drop, max_escape_rise)
+    predictions = artifact_predictions(run_dir, artifact, data_dir, batch_size, with_float=True)
+    artifact = Path(artifact)
     result = {
-        "artifact": artifact.name, "artifact_sha256": sha256_file(artifact), "backend": backend, "stage": stage,
-        "precision": metadata.get("precision"), "data": data_label, "classes": list(run_info["classes"]),
-        **compare(float_logits, artifact_logits, labels, run_info["classes"], run_info.get("ok_class"),
-                  max_drop, max_escape_rise),
+        "artifact": predictions.artifact, "artifact_sha256": sha256_file(artifact), "backend": predictions.backend,
+        "stage": predictions.stage, "precision": predictions.precision, "data": predictions.data,
+        "classes": predictions.classes,
+        **compare(predictions.float_logits, predictions.logits, predictions.labels, predictions.classes,
+                  predictions.ok_class, max_drop, max_escape_rise),
     }
     atomic_write_json(verify_path(run_dir, artifact), result)
     logger.info("%s vs float %s model on %d images: agreement %.4f, balanced accuracy %+.2f points -> %s",
-                artifact.name, stage, result["num_samples"], result["top1_agreement"],
+                artifact.name, result["stage"], result["num_samples"], result["top1_agreement"],
                 result["balanced_accuracy_delta"], "passed" if result["passed"] else "FAILED")
     return result
 

@@ -26,8 +26,7 @@ from edge_tl.prune import count_macs, count_params
 from edge_tl.runners.base import Runner, TensorSpec
 from edge_tl.verify import verify
 from export.stage import ExportConfig, export_artifact
-from test_export_stage import write_ptq_calibration
-from test_verify import _write_slim_pruned
+from helpers import write_ptq_calibration, write_slim_pruned
 
 PX = 64
 FAST = BenchConfig(batch_sizes=(1, 3), warmup=1, min_time_s=0.05, min_runs=3)
@@ -47,7 +46,7 @@ def run_dir(surface_dataset, tmp_path_factory):
     write_ptq_calibration(out)
     verify(out, export_artifact(out, ExportConfig(precision="fp32"))["path"])
     verify(out, export_artifact(out, ExportConfig(precision="int8"))["path"], max_drop=100.0, max_escape_rise=100.0)
-    _write_slim_pruned(out)
+    write_slim_pruned(out)
     export_artifact(out, ExportConfig(stage="pruned"))
     return out
 

@@ -9,9 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from calibrate.calibration_file import write_calibration
-from calibrate.observe import collect_calibration
-from calibrate.sources import ClassBalancedSource
 from edge_tl import data as data_mod
 from edge_tl.artifacts import atomic_write_json, read_json, save_weights, sha256_file
 from edge_tl.errors import ArtifactError, BackendUnavailableError, ConfigError
@@ -20,26 +17,13 @@ from edge_tl.fold import fold_batchnorm
 from export.onnx_export import ort_session, parity_input, read_onnx_metadata
 from export.stage import ExportConfig, artifact_name, export_artifact, validate_config
 from export.tensorrt_build import check_qdq_for_tensorrt
+from helpers import write_ptq_calibration
 
 PX = 64
 VERSION_KEYS = {"edge_tl", "python", "torch", "onnx", "onnxruntime", "numpy"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_ptq_calibration(run_dir, model=None, mode: str = "ptq"):
-    """calibration.json of the run's BN-folded float model (or ``model``, already folded) over its training split."""
-    stage_model, run_info = load_checkpoint(run_dir)
-    folded = model if model is not None else fold_batchnorm(stage_model)
-    source = ClassBalancedSource(run_records(run_info, "train"), 64, PX, run_info["mean"], run_info["std"],
-                                 batch_size=16, min_images=1)
-    calibration = collect_calibration(folded, source, model_info={"stage": "float", "img_size": PX, "mode": mode},
-                                      calibration_files_hash=source.file_list_hash(run_info["data_dir"]))
-    path = run_dir / "quantized" / "float" / "calibration.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_calibration(path, calibration)
-    return calibration
 
 
 @pytest.fixture(scope="module")

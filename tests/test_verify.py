@@ -13,14 +13,15 @@ import torch
 from calibrate.calibration_file import CalibrationTensor, read_calibration, write_calibration
 from calibrate.observe import collect_calibration
 from calibrate.sources import ClassBalancedSource
-from edge_tl.artifacts import atomic_write_json, read_json, save_weights, sha256_file
+from edge_tl.artifacts import read_json, sha256_file
 from edge_tl.errors import AccuracyRegressionError, ArtifactError, ConfigError, DatasetError
 from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint, predict_logits, run_records
 from edge_tl.fold import fold_batchnorm
 from edge_tl.metrics import classification_metrics
-from edge_tl.verify import check_gate, compare, verify
+from edge_tl.verify import artifact_predictions, check_gate, compare, verify
 from export.onnx_export import set_metadata
 from export.stage import ExportConfig, export_artifact
+from helpers import write_slim_pruned
 
 PX = 64
 # One flipped image among the 48 generated ones moves balanced accuracy by ~2.1 points and one new
@@ -94,6 +95,24 @@ def test_fp32_export_passes_with_full_agreement(run_dir):
     check_gate(result)  # passes silently
 
 
+def test_artifact_predictions_run_the_artifact_and_on_request_its_float_model(run_dir):
+    artifact = run_dir / "export" / "model.float.fp32.onnx"
+    alone = artifact_predictions(run_dir, artifact, batch_size=3)
+    both = artifact_predictions(run_dir, artifact, with_float=True)
+    model, run_info = load_checkpoint(run_dir)
+    val = run_records(run_info, "val")
+    assert alone.float_logits is None and alone.labels == both.labels == [record.label for record in val]
+    assert (alone.artifact, alone.backend, alone.stage, alone.precision, alone.data) == (
+        "model.float.fp32.onnx", "onnxruntime", "float", "fp32", "validation split")
+    assert alone.logits.shape == (8, 4) and np.abs(alone.logits - both.logits).max() <= 1e-5  # batching is invisible
+    expected = predict_logits(model, val, PX, run_info["mean"], run_info["std"])
+    assert np.abs(both.float_logits - expected).max() <= 1e-5 and np.abs(both.logits - expected).max() <= 1e-4
+    metrics = read_json(run_dir / "metrics.json")
+    assert alone.metrics()["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"], abs=1e-12)
+    with pytest.raises(ConfigError, match="batch size 0 must be an integer >= 1"):
+        artifact_predictions(run_dir, artifact, batch_size=0)
+
+
 def test_good_int8_passes(good_int8, surface_dataset):
     run, manifest = good_int8
     result = verify(run, manifest["path"], data_dir=surface_dataset, **INT8_GATE)
@@ -127,34 +146,9 @@ def test_static_batch_artifact_is_fed_one_image_at_a_time(run_dir, tmp_path_fact
     assert result["num_samples"] == 8 and result["top1_agreement"] == 1.0 and result["max_abs_diff"] <= 1e-4
 
 
-def _write_slim_pruned(run, block: int = 2, keep: int = 48):
-    """RUN_DIR/pruned as the prune stage writes it: one block's expansion channels cut to ``keep``."""
-    model, _ = load_checkpoint(run)
-    state = dict(model.state_dict())
-    body = f"trunk.blocks.{block}.body"
-    for layer in (0, 1, 3, 4):
-        for key in [k for k in state if k.startswith(f"{body}.{layer}.") and state[k].dim() > 0]:
-            state[key] = state[key][:keep].clone()
-    state[f"{body}.6.weight"] = state[f"{body}.6.weight"][:, :keep].clone()
-    expand = model.get_submodule(f"{body}.0")
-    layers = {
-        f"{body}.0": {"type": "Conv2d", "in_channels": expand.in_channels, "out_channels": keep, "groups": 1},
-        f"{body}.1": {"type": "BatchNorm2d", "num_features": keep},
-        f"{body}.3": {"type": "Conv2d", "in_channels": keep, "out_channels": keep, "groups": keep},
-        f"{body}.4": {"type": "BatchNorm2d", "num_features": keep},
-        f"{body}.6": {"type": "Conv2d", "in_channels": keep, "out_channels": model.get_submodule(f"{body}.6").out_channels,
-                      "groups": 1},
-    }
-    save_weights(run / "pruned" / "model.safetensors", state, {"stage": "pruned"})
-    atomic_write_json(run / "pruned" / "shape.json", {"format": "edge-tl-shape-spec/1", "layers": layers})
-    from edge_tl.prune_stage import load_pruned
-
-    return load_pruned(run)[0]
-
-
 def test_pruned_stage_is_verified_against_the_pruned_model(run_dir, tmp_path_factory):
     run = _copy_run(run_dir, tmp_path_factory, "pruned")
-    pruned = _write_slim_pruned(run)
+    pruned = write_slim_pruned(run)
     model, run_info = load_checkpoint(run)
     val = run_records(run_info, "val")
     pruned_logits = predict_logits(pruned, val, PX, run_info["mean"], run_info["std"])
