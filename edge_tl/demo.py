@@ -1,54 +1,34 @@
-"""`edge-tl demo`: the pipeline on a generated surface-defect dataset, on any machine, offline.
+"""`edge-tl demo`: the whole `edge-tl run` chain on a generated surface-defect dataset, offline.
 
-Generate the embedded dataset, fine-tune, prune with recovery, quantize (PTQ), export ONNX FP32 and
-INT8 for both stages, and verify every export against its float model.
+Generate the embedded dataset (procedural surfaces with scratches, spots and cracks), then run the
+chain with :data:`DEMO_RECIPE`: fine-tune at 128 px, prune with a short recovery, quantize (PTQ)
+both stages, export ONNX FP32/FP16/INT8 (and engines where TensorRT exists), verify every export,
+bench, report.
 """
 from __future__ import annotations
 
 import shutil
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
 
-from edge_tl.finetune import FinetuneConfig, FinetuneResult, finetune
+from edge_tl.pipeline import PipelineResult, run_pipeline
+from edge_tl.recipe import recipe_from_dict
 from edge_tl.synthetic import make_surface_dataset
 
-DEMO_CONFIG = FinetuneConfig(backbone="efficientnet_lite0", img_size=128, epochs=30, ok_class="ok", seed=0)
+DEMO_RECIPE = MappingProxyType({
+    "finetune": {"img_size": 128, "ok_class": "ok"},
+    "prune": {"recover_epochs": 2, "latency_runs": 20},
+    "quantize": {"calib_images": 64},
+    "bench": {"batch_sizes": [1], "min_time_s": 0.5},
+})
 
 
-@dataclass
-class DemoResult:
-    run_dir: Path
-    finetune: FinetuneResult
-    metrics: dict
-    stages: dict = field(default_factory=dict)
-    verification: list = field(default_factory=list)
-    seconds_total: float = 0.0
-
-
-def run_demo(out: str | Path, cfg: FinetuneConfig = DEMO_CONFIG, images_per_class=None,
-             recover_epochs: int = 2, calib_images: int = 64) -> DemoResult:
-    """Generate the embedded dataset under OUT/data and run the chain into OUT/run (both replaced)."""
-    from edge_tl.prune_stage import PruneConfig, prune_run
-    from edge_tl.quantize import QuantizeConfig, quantize
-    from edge_tl.verify import verify
-    from export.stage import ExportConfig, export_artifact
-
-    started = time.perf_counter()
+def run_demo(out: str | Path, recipe: Mapping[str, Any] = DEMO_RECIPE, images_per_class=None) -> PipelineResult:
+    """Generate the dataset under OUT/data and run the chain into OUT/run (both replaced)."""
     out = Path(out)
-    data_dir, run_dir = out / "data", out / "run"
+    data_dir = out / "data"
     if data_dir.exists():
         shutil.rmtree(data_dir)
-    make_surface_dataset(data_dir, images_per_class, seed=cfg.seed)
-    tuned = finetune(data_dir, run_dir, cfg, force=True)
-    result = DemoResult(run_dir, tuned, tuned.metrics)
-    result.stages["pruned"] = prune_run(run_dir, PruneConfig(recover_epochs=recover_epochs, seed=cfg.seed,
-                                                             latency_runs=20)).metrics
-    for stage in ("float", "pruned"):
-        quantized = quantize(run_dir, QuantizeConfig(stage=stage, calib_images=calib_images, seed=cfg.seed))
-        result.stages[f"quantized/{stage}"] = quantized.metrics
-        for precision in ("fp32", "int8"):
-            manifest = export_artifact(run_dir, ExportConfig(precision=precision, stage=stage))
-            result.verification.append(verify(run_dir, manifest["path"], max_drop=1.0, max_escape_rise=0.0))
-    result.seconds_total = time.perf_counter() - started
-    return result
+    make_surface_dataset(data_dir, images_per_class, seed=0)
+    return run_pipeline(data_dir, out / "run", recipe_from_dict(dict(recipe), "demo recipe"), force=True)

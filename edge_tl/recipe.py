@@ -193,6 +193,7 @@ def with_ok_class(recipe: Recipe, ok_class: str | None) -> Recipe:
 
 def validate_recipe(recipe: Recipe) -> None:
     """The checks each stage makes on its own settings, all before the first stage starts."""
+    from edge_tl.bench import validate_config as validate_bench
     from edge_tl.prune_stage import validate_config as validate_prune
     from edge_tl.quantize import STAGES, validate_config as validate_quantize
     from export.stage import PRECISIONS, validate_config as validate_export
@@ -214,6 +215,7 @@ def validate_recipe(recipe: Recipe) -> None:
     if recipe.extra("export", "engines") not in ENGINE_MODES:
         raise ConfigError(f"recipe key export.engines is {recipe.extra('export', 'engines')!r}; "
                           f"valid: {', '.join(ENGINE_MODES)}")
+    validate_bench(recipe.config("bench"))
     verify_cfg = recipe.config("verify")
     if verify_cfg.max_drop < 0 or verify_cfg.max_escape_rise < 0 or verify_cfg.batch_size < 1:
         raise ConfigError(f"recipe section verify has {dataclasses.asdict(verify_cfg)}; limits must be >= 0 and "
