@@ -131,3 +131,20 @@ def test_cli_refuses_a_foreign_directory_and_a_bad_recipe(surface_dataset, tmp_p
     assert main(["run", str(surface_dataset), "--out", str(tmp_path / "new"), "--recipe", str(recipe)]) == 2
     assert "--sparsity 2" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_bench_and_report_verbs(finished_run, capsys):
+    run_dir, _ = finished_run
+    onnx = run_dir / "export" / "model.float.int8.onnx"
+    code = main(["bench", str(onnx), "--backends", "onnxruntime", "--batch", "1,2", "--warmup", "1",
+                 "--min-time", "0.05"])
+    out = capsys.readouterr().out
+    assert code == 0 and "model.float.int8.onnx" in out
+    assert main(["bench", str(onnx), "--batch", "one"]) == 2
+    assert "--batch 'one'" in capsys.readouterr().err
+    assert main(["bench", str(run_dir / "export" / "absent.onnx"), "--backends", "onnxruntime"]) == 2
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    text = (run_dir / "report.md").read_text()
+    assert "model.pruned.int8.onnx" in text and "recommended" in text.lower()
