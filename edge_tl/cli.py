@@ -103,7 +103,8 @@ def _print_json_summary(title: str, values: dict, keys: tuple[str, ...]) -> None
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--sparsity", type=float, default=0.5, show_default=True, help="Share of expansion channels removed.")
-@click.option("--method", type=click.Choice(["l1", "l2", "fpgm", "taylor"]), default="l1", show_default=True)
+@click.option("--method", type=click.Choice(["contribution", "l1", "l2", "fpgm", "taylor"]), default="contribution",
+              show_default=True, help="Channel importance: output energy on training images (contribution) or NNI pruners.")
 @click.option("--align", type=int, default=8, show_default=True, help="Round channel counts to multiples of this.")
 @click.option("--recover-epochs", type=int, default=6, show_default=True)
 @click.option("--distill/--no-distill", default=True, show_default=True, help="Distil from the unpruned model.")

@@ -40,7 +40,7 @@ from edge_tl.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("l1", "l2", "fpgm", "taylor")
+METHODS = ("contribution", "l1", "l2", "fpgm", "taylor")
 SPEC_FORMAT = "edge-tl-shape-spec/1"
 MAX_CALIBRATION_IMAGES = 128
 PROBE_IMG_SIZE = 32
@@ -120,7 +120,7 @@ def _layer_shapes(model: nn.Module) -> dict[str, dict]:
     return shapes
 
 
-def _check_options(img_size, sparsity, method, align, training_batches) -> None:
+def _check_options(img_size, sparsity, method, align, training_batches, calibration_batches) -> None:
     if method not in METHODS:
         raise ConfigError(f"pruning method {method!r} is unknown; choose one of {', '.join(METHODS)}")
     if isinstance(align, bool) or not isinstance(align, int) or align < 1:
@@ -129,6 +129,8 @@ def _check_options(img_size, sparsity, method, align, training_batches) -> None:
         raise ConfigError(f"image size {img_size!r} is invalid for pruning; use the model's input size (>= 32)")
     if method == "taylor" and training_batches is None:
         raise ConfigError("method 'taylor' needs training_batches (labelled (x, y) batches); pass them or use l1")
+    if method == "contribution" and calibration_batches is None:
+        raise ConfigError("method 'contribution' needs calibration_batches (training images); pass them or use l1")
     _check_sparsity(sparsity)
 
 
@@ -168,7 +170,7 @@ def prune_model(
     (labelled) feed the taylor method's gradients.
     The spec holds, for every conv/bn/linear whose shape changed, its new channel counts.
     """
-    _check_options(img_size, sparsity, method, align, training_batches)
+    _check_options(img_size, sparsity, method, align, training_batches, calibration_batches)
     pruned = copy.deepcopy(model).eval()
     # channel masks do not depend on the spatial size: analyse and speed up at a small probe size
     probe_size = min(img_size, PROBE_IMG_SIZE)
@@ -182,7 +184,8 @@ def prune_model(
     before = _layer_shapes(pruned)
     if plan:
         requires_grad = {name: param.requires_grad for name, param in pruned.named_parameters()}
-        masks = _expansion_masks(pruned, plan, method, training_batches)
+        images = _calibration_images(calibration_batches) if calibration_batches is not None else None
+        masks = _expansion_masks(pruned, plan, method, training_batches, images)
         _add_tied_masks(pruned, masks, plan)
         nni_compat.speedup(pruned, torch.rand(1, 3, probe_size, probe_size), masks)
         _check_pruned(pruned, plan, before)
@@ -190,7 +193,7 @@ def prune_model(
             param.requires_grad_(requires_grad[name])
         if calibration_batches is not None:
             kept = {group.expansion: masks[group.expansion]["weight"].flatten(1).any(1).nonzero().flatten() for group in plan}
-            reconstruct_pointwise(pruned, model, _calibration_images(calibration_batches), kept)
+            reconstruct_pointwise(pruned, model, images, kept)
         else:
             log.warning("pruned without calibration images: 1x1 convs are not refit to the parent, "
                         "so accuracy before recovery will be low; pass calibration_batches")
@@ -204,7 +207,56 @@ def prune_model(
     return pruned, spec
 
 
-def _expansion_masks(model: nn.Module, plan: dict[PruneGroup, int], method: str, training_batches) -> dict:
+def _projection_name(model: nn.Module, group: PruneGroup) -> str:
+    """The 1x1 conv of ``group``'s block that reads the group's channels (the block's projection)."""
+    prefix = f"trunk.blocks.{group.block_index}."
+    names = [name for name, module in model.named_modules()
+             if name.startswith(prefix) and _is_pointwise(module) and module.in_channels == group.channels
+             and name not in (group.expansion, *group.gates)]
+    if len(names) != 1:
+        raise RuntimeError(f"block {group.block_index} has {len(names)} projection convs reading {group.channels} channels")
+    return names[0]
+
+
+def _contribution_masks(model: nn.Module, plan: dict[PruneGroup, int], images: torch.Tensor) -> dict:
+    """Keep the channels that carry the most energy into the block's output.
+
+    A channel's contribution to the projection conv's output is its activation times its column of
+    the projection weight, so its importance is ``sqrt(E[a_c^2]) * ||W_proj[:, c]||`` measured on the
+    calibration images: data-driven, unlike weight norms of the expansion conv alone.
+    """
+    projections = {group: _projection_name(model, group) for group in plan}
+    energy: dict[PruneGroup, torch.Tensor] = {}
+
+    def record(group):
+        def hook(module, inputs):
+            energy[group] = energy.get(group, 0) + inputs[0].detach().double().pow(2).mean((0, 2, 3)) * len(inputs[0])
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(record(group)) for group, name in projections.items()]
+    try:
+        with torch.inference_mode():
+            _chunked(model.eval(), images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    masks = {}
+    for group, keep in plan.items():
+        weight = model.get_submodule(projections[group]).weight.detach().double()
+        score = (energy[group] / len(images)).sqrt() * weight.flatten(1).norm(dim=0)
+        kept = torch.zeros(group.channels, dtype=torch.bool)
+        kept[score.argsort(descending=True)[:keep]] = True
+        expansion = model.get_submodule(group.expansion)
+        masks[group.expansion] = {"weight": kept.view(-1, 1, 1, 1).expand_as(expansion.weight).float().clone()}
+        if expansion.bias is not None:
+            masks[group.expansion]["bias"] = kept.float()
+    return masks
+
+
+def _expansion_masks(model: nn.Module, plan: dict[PruneGroup, int], method: str, training_batches,
+                     images: torch.Tensor | None = None) -> dict:
+    if method == "contribution":
+        return _contribution_masks(model, plan, images)
     # the ratio is chosen so that NNI's int(channels * ratio) removes exactly channels - keep
     config_list = [{"op_names": [group.expansion], "sparse_ratio": (group.channels - keep + 0.5) / group.channels}
                    for group, keep in plan.items()]

@@ -30,7 +30,7 @@ PRUNED_DIR = "pruned"
 @dataclass(frozen=True)
 class PruneConfig:
     sparsity: float = 0.5
-    method: str = "l1"
+    method: str = "contribution"
     align: int = 8
     recover_epochs: int = 6
     distill: bool = True

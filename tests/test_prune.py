@@ -214,6 +214,42 @@ def test_reconstruction_solves_the_least_squares_oracle_and_brings_outputs_back(
     assert error_after < 0.5 * error_before
 
 
+def test_contribution_keeps_the_channels_with_most_output_energy(lite0, images):
+    """Oracle: per channel, sqrt(mean activation^2 at the projection input) * projection column norm."""
+    from edge_tl.prune import _projection_name
+
+    group = find_prune_groups(lite0, IMG)[3]
+    projection = lite0.get_submodule(_projection_name(lite0, group))
+    captured = {}
+    handle = projection.register_forward_pre_hook(lambda m, args: captured.update(x=args[0].detach()))
+    with torch.no_grad():
+        lite0.eval()(images)
+    handle.remove()
+    activation = captured["x"].double().numpy()
+    column_norms = np.linalg.norm(projection.weight.detach().double().numpy()[:, :, 0, 0], axis=0)
+    score = np.sqrt((activation ** 2).mean(axis=(0, 2, 3))) * column_norms
+    keep = aligned_keep(group.channels, 0.5, 8)
+    expected = sorted(np.argsort(-score)[:keep].tolist())
+    pruned, spec = prune_model(lite0, IMG, 0.5, method="contribution", calibration_batches=[images])
+    assert spec["method"] == "contribution"
+    # the 1x1 convs are refit after selection; the depthwise conv keeps its rows, so it names the kept channels
+    depthwise = pruned.get_submodule(group.depthwise).weight.detach()
+    parent_depthwise = lite0.get_submodule(group.depthwise).weight.detach()
+    kept = [c for c in range(group.channels) if any(torch.equal(parent_depthwise[c], row) for row in depthwise)]
+    assert kept == expected
+
+
+def test_contribution_reconstructs_better_than_l1(lite0, images):
+    with torch.no_grad():
+        reference = lite0.eval().trunk(images)
+    errors = {}
+    for method in ("l1", "contribution"):
+        pruned, _ = prune_model(lite0, IMG, 0.5, method=method, calibration_batches=[images])
+        with torch.no_grad():
+            errors[method] = float((pruned.eval().trunk(images) - reference).norm() / reference.norm())
+    assert errors["contribution"] < errors["l1"]
+
+
 @pytest.mark.parametrize("method", ["fpgm", "taylor"])
 def test_other_methods_give_aligned_groups(lite0, images, method):
     batches = [(images[:4], torch.tensor([0, 1, 2, 3])), (images[4:], torch.tensor([3, 2, 1, 0]))]
