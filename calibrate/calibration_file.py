@@ -6,7 +6,8 @@ ONNX builder and the TensorRT cache writer. Specification (also in ``calibrate/F
     {
       "format": "edge-tl-calibration",
       "version": 1,
-      "model": {"stage": "float"|"pruned", "img_size": 224, "input_name": "input", ...},
+      "model": {"stage": "float"|"pruned", "img_size": 224, "input_name": "input",
+                "float_modules": ["head"], ...},
       "method": "minmax"|"percentile"|"entropy",
       "calibration_files_hash": "<sha256 of the calibration file list>",
       "tensors": [
@@ -28,6 +29,10 @@ ONNX builder and the TensorRT cache writer. Specification (also in ``calibrate/F
 - Weights: per output channel (``axis`` 0), symmetric ``int8``, every zero point 0,
   ``scale[c] = max(|min[c]|, |max[c]|) / 127``; lists have one entry per output channel.
 - Scales are positive, finite float32 values; a dequantized value is ``(q - zero_point) * scale``.
+- A Conv2d/Linear with no entry at all stays float in the export (no weight Q/DQ, no Q/DQ of its
+  own on its input or output); one with activation entries but no ``:weight`` entry keeps float
+  weights. ``model.float_modules`` (optional, a list of module names) names the modules left
+  float on purpose, e.g. the classifier head; none of them may have an entry.
 - Optional keys: ``observed_min``/``observed_max`` (activations), any extra keys in ``model``.
 """
 from __future__ import annotations
@@ -118,6 +123,18 @@ class Calibration:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ArtifactError(f"calibration has duplicate tensors {duplicates[:5]}; each tensor may appear once")
+        listed = self.model.get("float_modules", [])
+        if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+            raise ArtifactError(f"model.float_modules {listed!r} must be a list of module names")
+        clashing = sorted({tensor.name for tensor in self.tensors if tensor.module in listed})
+        if clashing:
+            raise ArtifactError(f"tensors {clashing[:5]} belong to modules listed as float in model.float_modules; "
+                                "a float module has no entry")
+
+    @property
+    def float_modules(self) -> tuple[str, ...]:
+        """Modules left float on purpose (``model.float_modules``; empty for files that predate it)."""
+        return tuple(self.model.get("float_modules", ()))
 
     def get(self, module: str, role: str) -> CalibrationTensor | None:
         for tensor in self.tensors:

@@ -8,6 +8,11 @@ The BN-folded model is exported to FP32 ONNX, each Conv/Gemm node is tied to its
 - activation tensors around Conv, Gemm, Add and pooling ops get a ``QuantizeLinear ->
   DequantizeLinear`` pair with the calibrated per-tensor scale and zero point.
 
+A Conv/Gemm whose module has no ``:weight`` entry in calibration.json keeps its float weight and
+bias, and with no entry at all it gets no Q/DQ of its own (calibrate/FORMAT.md). That is how the
+classifier head stays float by default: the last Conv's quantized output is dequantized before
+GlobalAveragePool, so the pooled features reach a float Gemm, and the trunk still fuses.
+
 Two targets, because ONNX Runtime on x86 and TensorRT want different files:
 
 - ``onnxruntime`` (default): uint8 activations with zero points, int32 biases through
@@ -33,7 +38,7 @@ import torch
 from torch import nn
 
 from calibrate.calibration_file import Calibration
-from calibrate.ranges import asymmetric_uint8, per_channel_symmetric_int8_scales, symmetric_int8_scale
+from calibrate.ranges import asymmetric_uint8, symmetric_int8_scale
 from edge_tl.artifacts import atomic_output_path, sha256_file
 from edge_tl.errors import ArtifactError, ConfigError
 from export.onnx_export import (
@@ -104,9 +109,6 @@ def _activation_params(tensor: str, value_range: tuple[float, float], entry, tar
 
 def _weight_scales(module: str, weight: np.ndarray, calibration: Calibration, axis: int) -> np.ndarray:
     entry = calibration.get(module, "weight")
-    if entry is None:
-        logger.info("calibration has no weight entry for %s; using its per-channel absmax", module)
-        return per_channel_symmetric_int8_scales(weight, axis)
     scales = np.asarray(entry.scale, dtype=np.float32).reshape(-1)
     if scales.size != weight.shape[axis]:
         raise ArtifactError(
@@ -204,7 +206,8 @@ def remove_unused(graph) -> None:
 def quantize_graph(proto, model: nn.Module, calibration: Calibration, target: str = "onnxruntime"):
     """Rewrite an FP32 ModelProto exported from ``model`` (BN-folded) into explicit Q/DQ, in place.
 
-    Returns a summary: quantized weight nodes, quantized activation tensors, tensors left float.
+    Returns a summary: quantized weight nodes, quantized activation tensors, tensors left float,
+    and the modules left float (``float_layers``: no ``:weight`` entry in ``calibration``).
     """
     from onnx import helper
 
@@ -226,9 +229,12 @@ def quantize_graph(proto, model: nn.Module, calibration: Calibration, target: st
         for tensor in _tensors_to_quantize(graph, ranges)
     }
     weight_nodes: dict[str, list] = {}
+    float_layers = sorted(module for module in node_modules.values() if calibration.get(module, "weight") is None)
+    if float_layers:
+        logger.info("no weight entry in calibration.json: %s stay float", ", ".join(float_layers))
     for node in graph.node:
         module = node_modules.get(node.name)
-        if module is not None:
+        if module is not None and module not in float_layers:
             input_scale = activations.get(node.input[0], (None, None))[0]
             weight_nodes[node.name] = _quantize_weight(builder, node, module, values, calibration, input_scale, target)
 
@@ -265,7 +271,8 @@ def quantize_graph(proto, model: nn.Module, calibration: Calibration, target: st
         if name not in activations and name not in fused_inputs and name not in {o.name for o in graph.output}
     )
     return {"quantized_weights": len(weight_nodes), "quantized_activations": len(activations),
-            "float_activations": float_tensors, "activation_dtype": "int8" if target == "tensorrt" else "uint8"}
+            "float_activations": float_tensors, "float_layers": float_layers,
+            "activation_dtype": "int8" if target == "tensorrt" else "uint8"}
 
 
 def fused_op_counts(model_or_path) -> dict[str, int]:

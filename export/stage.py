@@ -13,7 +13,8 @@
 
 INT8 reads ``RUN_DIR/quantized/<stage>/calibration.json``; when that quantize run was QAT
 (``model.safetensors`` beside it, folded weights) the QAT weights are exported, and the manifest
-says so. Every check on the request runs before any model is loaded. Files are built in a hidden
+says so. Layers without an entry in calibration.json (by default the classifier head, see
+calibrate/FORMAT.md) stay float in both Q/DQ flavours; ``int8.float_layers`` names them. Every check on the request runs before any model is loaded. Files are built in a hidden
 staging folder inside ``export/`` and moved into place only when everything succeeded, an old
 manifest is removed before its artifact is replaced, and the new manifest is written last: a
 failed export leaves nothing behind.
@@ -155,7 +156,7 @@ def load_int8_model(run_dir: str | os.PathLike, stage: str, model: nn.Module, im
     facts: dict[str, Any] = {
         "path": path.relative_to(run_dir).as_posix(), "sha256": sha256_file(path), "method": calibration.method,
         "calibration_files_hash": calibration.calibration_files_hash, "mode": calibration.model.get("mode"),
-        "weights": "qat" if weights_path is not None else "stage",
+        "weights": "qat" if weights_path is not None else "stage", "float_modules": list(calibration.float_modules),
     }
     if weights_path is not None:
         try:
@@ -250,7 +251,8 @@ def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: d
             manifest["parity_reference"] = (f"PyTorch {cfg.stage} model, BN-folded"
                                             + (", QAT weights" if facts["weights"] == "qat" else ""))
             manifest["int8"] = {key: report[key] for key in (
-                "quantized_weights", "quantized_activations", "float_activations", "activation_dtype", "ort_ops")}
+                "quantized_weights", "quantized_activations", "float_activations", "float_layers", "activation_dtype",
+                "ort_ops")}
             manifest["top1_agreement"] = report["top1_agreement"]
         manifest.update({
             "max_abs_diff": report["max_abs_diff"],

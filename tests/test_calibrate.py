@@ -160,6 +160,8 @@ def test_calibration_file_round_trips(tmp_path):
         (lambda d: d["tensors"][2].update(dtype="uint8"), "per-channel symmetric int8"),
         (lambda d: d["tensors"].append(dict(d["tensors"][0])), "duplicate"),
         (lambda d: d["tensors"][1].update(min=7.0), "min is greater than max"),
+        (lambda d: d["model"].update(float_modules=["conv1"]), r"conv1:input.*listed as float"),
+        (lambda d: d["model"].update(float_modules="head"), "float_modules 'head' must be a list"),
     ],
 )
 def test_bad_calibration_files_are_rejected(tmp_path, edit, message):
@@ -322,8 +324,34 @@ def test_collect_calibration_equals_numpy_oracle():
         assert (entry.scale, entry.zero_point) == asymmetric_uint8(entry.min, entry.max)
     weight = calibration.get("4", "weight")
     np.testing.assert_array_equal(weight.scale, per_channel_symmetric_int8_scales(model[4].weight.detach().numpy()))
-    assert calibration.model == {"input_name": "input", "stage": "float", "img_size": 8}
+    assert calibration.model == {"input_name": "input", "stage": "float", "img_size": 8, "float_modules": []}
     assert len(calibration.tensors) == 9  # input, output and weight of three layers
+    assert calibration.float_modules == ()
     percentile = collect_calibration(model, ArraySource(images, batch_size=4), "percentile", percentile=99.0)
     entry = percentile.get("0", "output")
     assert entry.max < float(conv1.max()) and entry.extra["observed_max"] == float(conv1.max())
+
+
+def test_float_modules_get_no_entry_and_are_recorded(tmp_path):
+    import torch
+    from torch import nn
+
+    from calibrate.observe import collect_calibration, output_layers, quantization_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6(), nn.Conv2d(4, 2, 1), nn.Flatten(1), nn.Linear(2 * 6 * 6, 3)).eval()
+    assert output_layers(model) == ("4",)  # the layer whose output is the model's output
+    images = np.random.default_rng(6).normal(0, 2, (10, 3, 8, 8)).astype(np.float32)
+    full = collect_calibration(model, ArraySource(images, batch_size=4), "minmax")
+    calibration = collect_calibration(model, ArraySource(images, batch_size=4), "minmax", float_modules=("4",))
+    assert calibration.float_modules == ("4",) and calibration.model["float_modules"] == ["4"]
+    assert {t.module for t in calibration.tensors} == {"0", "2"}
+    assert calibration.tensors == tuple(t for t in full.tensors if t.module != "4")  # the rest is unchanged
+    path = tmp_path / "calibration.json"
+    write_calibration(path, calibration)
+    assert read_calibration(path).float_modules == ("4",) and read_calibration(path) == calibration
+
+    # a conv feeding a float layer through a ReLU keeps its own output quantization: nothing re-quantizes it
+    chain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    assert quantization_plan(chain) == {"0": ("input", "weight"), "2": ("input", "weight", "output")}
+    assert quantization_plan(chain, output_layers(chain)) == {"0": ("input", "weight", "output")}

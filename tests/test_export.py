@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from calibrate.calibration_file import Calibration, CalibrationTensor
-from calibrate.observe import collect_calibration
+from calibrate.observe import collect_calibration, output_layers
 from calibrate.ranges import asymmetric_uint8
 from calibrate.sources import ArraySource
 from calibrate.tensorrt_cache import read_calibration_cache
@@ -25,7 +25,7 @@ from edge_tl.fold import find_conv_bn_pairs, fold_batchnorm
 from export.fp16 import export_fp16_onnx
 from export.onnx_export import export_onnx, ort_session, read_onnx_metadata
 from export.onnx_ranges import export_tensorrt_cache, map_nodes_to_modules
-from export.qdq import export_qdq_onnx, fused_op_counts
+from export.qdq import TARGETS, export_qdq_onnx, fused_op_counts
 from export.tensorrt_build import check_qdq_for_tensorrt
 from export.tensorrt_compat import check_engine_matches, check_precision, plan_build
 
@@ -252,13 +252,22 @@ def _fake_quant(t: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     return (torch.clamp(torch.round(t / scale) + zero_point, 0, 255) - zero_point) * scale
 
 
-def test_qdq_network_equals_pytorch_fake_quant_of_calibration(tmp_path):
-    """Every quantization point of the Q/DQ ONNX, simulated in PyTorch from calibration.json."""
+@pytest.mark.parametrize("float_head", [False, True])
+def test_qdq_network_equals_pytorch_fake_quant_of_calibration(tmp_path, float_head):
+    """Every quantization point of the Q/DQ ONNX, simulated in PyTorch from calibration.json.
+
+    With a float head (no calibration entry for ``head``) the pooled features and the head stay
+    float: the last conv's output is quantized, the pool and the Gemm run in float.
+    """
     model = _tiny_classifier()
-    calibration = collect_calibration(fold_batchnorm(model), ArraySource(_images(8, 2), 4), "minmax")
+    float_modules = ("head",) if float_head else ()
+    calibration = collect_calibration(fold_batchnorm(model), ArraySource(_images(8, 2), 4), "minmax",
+                                      float_modules=float_modules)
     report = export_qdq_onnx(model, calibration, PX, tmp_path / "tiny.int8.onnx", metadata=META)
-    assert report["ort_ops"] == {"QuantizeLinear": 1, "QLinearConv": 4, "QLinearAdd": 1,
-                                 "QLinearGlobalAveragePool": 1, "Flatten": 1, "QGemm": 1}
+    tail = ({"DequantizeLinear": 1, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1} if float_head
+            else {"QLinearGlobalAveragePool": 1, "Flatten": 1, "QGemm": 1})
+    assert report["ort_ops"] == {"QuantizeLinear": 1, "QLinearConv": 4, "QLinearAdd": 1, **tail}
+    assert report["float_layers"] == list(float_modules) and report["quantized_weights"] == 5 - len(float_modules)
 
     def params(module, role):
         entry = calibration.get(module, role)
@@ -271,8 +280,9 @@ def test_qdq_network_equals_pytorch_fake_quant_of_calibration(tmp_path):
         "trunk.blocks.1.body.3": params("trunk.blocks.1.body.3", "output"),  # projection, no activation
         "trunk.blocks.1": params("trunk.blocks.2.0", "input"),  # the residual Add
         "trunk.blocks.2.2": relu_output,  # ReLU before the pool: conv output range clipped at 0
-        "trunk.pool": params("head", "input"),
     }
+    if not float_head:
+        quantized_outputs["trunk.pool"] = params("head", "input")
     simulated = fold_batchnorm(model)
     for name, (scale, zero_point) in quantized_outputs.items():
         simulated.get_submodule(name).register_forward_hook(
@@ -282,7 +292,7 @@ def test_qdq_network_equals_pytorch_fake_quant_of_calibration(tmp_path):
         lambda module, args: (_fake_quant(args[0], input_scale, input_zero_point),))
     with torch.no_grad():
         for name, module in simulated.named_modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and name not in float_modules:
                 scales = np.asarray(calibration.get(name, "weight").scale, np.float32)
                 weight_scale = torch.from_numpy(scales).reshape(-1, *[1] * (module.weight.ndim - 1))
                 module.weight.copy_(torch.clamp(torch.round(module.weight / weight_scale), -128, 127) * weight_scale)
@@ -294,6 +304,9 @@ def test_qdq_network_equals_pytorch_fake_quant_of_calibration(tmp_path):
     got = ort_session(report["path"]).run(None, {"input": x})[0]
     assert np.max(np.abs(got - want)) < 1e-5
     assert np.max(np.abs(got - float_logits)) > 100 * np.max(np.abs(got - want))  # it really is quantized
+    head = next(node for node in onnx.load(report["path"]).graph.node if node.op_type == "Gemm")
+    stored = {init.name: numpy_helper.to_array(init) for init in onnx.load(report["path"]).graph.initializer}
+    assert (head.input[1] in stored and stored[head.input[1]].dtype == np.float32) == float_head
 
 
 def test_qdq_lite0_fuses_in_onnxruntime_and_tracks_fp32(lite0, tmp_path):
@@ -325,6 +338,39 @@ def test_qdq_lite0_fuses_in_onnxruntime_and_tracks_fp32(lite0, tmp_path):
     with pytest.raises(ArtifactError, match="match no Conv2d/Linear weight"):
         map_nodes_to_modules(onnx.load(str(fp32)).graph, fold_batchnorm(_tiny_classifier()))
     assert not (tmp_path / "wrong.onnx").exists()
+
+
+def test_float_head_keeps_the_lite0_trunk_fused_and_the_gemm_float(lite0, tmp_path):
+    """A module without calibration entries (the head) stays float in both Q/DQ flavours."""
+    folded = fold_batchnorm(lite0)
+    calibration = collect_calibration(folded, ArraySource(_images(16, 11), 8), "minmax", model_info={"img_size": PX},
+                                      float_modules=output_layers(folded))
+    assert calibration.float_modules == ("head",) and calibration.get("head", "weight") is None
+    x = _images(16, 12)
+    with torch.no_grad():
+        want = lite0(torch.from_numpy(x)).numpy()
+    reports = {}
+    for target in TARGETS:
+        reports[target] = report = export_qdq_onnx(lite0, calibration, PX, tmp_path / f"{target}.int8.onnx",
+                                                    target=target, metadata=META)
+        assert report["float_layers"] == ["head"] and report["quantized_weights"] == 49
+        graph = onnx.load(report["path"]).graph
+        producer = {name: node for node in graph.node for name in node.output}
+        stored = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+        (gemm,) = [node for node in graph.node if node.op_type == "Gemm"]
+        assert stored[gemm.input[1]].dtype == np.float32 and stored[gemm.input[2]].dtype == np.float32
+        flatten = producer[gemm.input[0]]
+        pool = producer[flatten.input[0]]
+        assert (flatten.op_type, pool.op_type, producer[pool.input[0]].op_type) == (
+            "Flatten", "GlobalAveragePool", "DequantizeLinear")  # last conv quantized, pooled features float
+        assert report["float_activations"] == [pool.output[0]]
+        got = ort_session(report["path"]).run(None, {"input": x})[0]
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.8  # the bound of the fully quantized export
+    ops = reports["onnxruntime"]["ort_ops"]
+    assert ops.get("QLinearConv") == 49 and "Conv" not in ops and "FusedConv" not in ops and ops.get("QLinearAdd") == 9
+    assert ops.get("Gemm") == 1 and "QGemm" not in ops and "QLinearGlobalAveragePool" not in ops
+    trt = reports["tensorrt"]
+    assert trt["activation_dtype"] == "int8" and check_qdq_for_tensorrt(onnx.load(trt["path"])) == trt["quantized_activations"]
 
 
 def test_tensorrt_cache_from_calibration(tmp_path):

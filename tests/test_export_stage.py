@@ -9,6 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from calibrate.calibration_file import write_calibration
+from calibrate.observe import collect_calibration, output_layers
+from calibrate.sources import ClassBalancedSource
 from edge_tl import data as data_mod
 from edge_tl.artifacts import atomic_write_json, read_json, save_weights, sha256_file
 from edge_tl.errors import ArtifactError, BackendUnavailableError, ConfigError
@@ -100,6 +103,8 @@ def test_int8_manifest_names_its_calibration(run_dir, exported):
     assert manifest["qdq_target"] == "onnxruntime" and manifest["int8"]["activation_dtype"] == "uint8"
     assert manifest["int8"]["ort_ops"].get("QLinearConv", 0) == manifest["int8"]["quantized_weights"] - 1  # + QGemm
     assert manifest["int8"]["float_activations"] == []
+    # helpers.write_ptq_calibration records every layer, the head included: all of them are quantized
+    assert manifest["int8"]["float_layers"] == [] and manifest["calibration"]["float_modules"] == []
     assert manifest["top1_agreement"] >= 0.5 and 0.0 < manifest["max_abs_diff"] < logit_scale
 
 
@@ -133,6 +138,34 @@ def test_tensorrt_qdq_flavour_is_symmetric_int8(run_dir, exported):
     assert check_qdq_for_tensorrt(onnx.load(str(path))) == manifest["int8"]["quantized_activations"]
     with pytest.raises(ConfigError, match="TensorRT needs symmetric int8"):
         check_qdq_for_tensorrt(onnx.load(str(run_dir / "export" / "model.float.int8.onnx")))
+
+
+def test_float_head_calibration_exports_a_float_gemm_in_both_flavours(run_dir, exported, tmp_path):
+    """calibration.json without head entries (what `edge-tl quantize` writes by default) -> float Gemm."""
+    run = _copy_run(run_dir, tmp_path)
+    model, run_info = load_checkpoint(run)
+    folded = fold_batchnorm(model)
+    source = ClassBalancedSource(run_records(run_info, "train"), 64, PX, run_info["mean"], run_info["std"],
+                                 batch_size=16, min_images=1)
+    calibration = collect_calibration(folded, source, model_info={"stage": "float", "img_size": PX, "mode": "ptq"},
+                                      float_modules=output_layers(folded))
+    write_calibration(run / "quantized" / "float" / "calibration.json", calibration)
+    images = data_mod.load_tensor_batch(run_records(run_info, "val"), PX, run_info["mean"], run_info["std"])
+    with torch.no_grad():
+        float_logits = model(torch.from_numpy(images)).numpy()
+    for target in ("onnxruntime", "tensorrt"):
+        manifest = export_artifact(run, ExportConfig(precision="int8", target=target))
+        assert manifest["calibration"]["float_modules"] == ["head"] and manifest["int8"]["float_layers"] == ["head"]
+        assert manifest["int8"]["quantized_weights"] == exported["int8"]["int8"]["quantized_weights"] - 1
+        graph = onnx.load(manifest["path"]).graph
+        (gemm,) = [node for node in graph.node if node.op_type == "Gemm"]
+        floats = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
+        assert gemm.input[1] in floats and gemm.input[2] in floats  # weight and bias read directly, no Q/DQ
+        got = ort_session(manifest["path"]).run(None, {"input": images})[0]
+        assert np.mean(got.argmax(1) == float_logits.argmax(1)) >= 0.75
+    ops = read_json(run / "export" / "model.float.int8.onnx.json")["int8"]["ort_ops"]
+    assert ops.get("QLinearConv") == manifest["int8"]["quantized_weights"] and "QGemm" not in ops
+    check_qdq_for_tensorrt(onnx.load(manifest["path"]))  # the TensorRT flavour is still symmetric int8 throughout
 
 
 def test_qat_weights_are_used_and_stated(run_dir, tmp_path):

@@ -26,10 +26,12 @@ from edge_tl.quantize import (
     quantize,
     validate_config,
 )
+from export.onnx_export import ort_session
+from export.stage import ExportConfig, export_artifact
 
 METRIC_KEYS = {"classes", "num_samples", "accuracy", "balanced_accuracy", "per_class", "confusion_matrix",
                "ok_class", "escape_rate", "false_reject_rate", "balanced_accuracy_delta",
-               "float_balanced_accuracy", "mode", "method", "calib_images"}
+               "float_balanced_accuracy", "mode", "method", "calib_images", "float_head", "float_modules"}
 # A deliberately narrow activation range: clipping at the 99.9th percentile costs this tiny model
 # accuracy in PTQ, which QAT (from those ranges, distilling from the float model) wins back.
 NARROW = QuantizeConfig(method="percentile", percentile=99.9)
@@ -60,6 +62,11 @@ def ptq(run_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def quantized_head_ptq(run_dir, tmp_path_factory):
+    return _quantized_copy(run_dir, tmp_path_factory, QuantizeConfig(float_head=False))
+
+
+@pytest.fixture(scope="module")
 def narrow_ptq(run_dir, tmp_path_factory):
     return _quantized_copy(run_dir, tmp_path_factory, NARROW)
 
@@ -71,7 +78,7 @@ def qat(run_dir, tmp_path_factory):
     return _quantized_copy(run_dir, tmp_path_factory, cfg)
 
 
-ORACLE_MODULES = ("trunk.blocks.0.0", "trunk.blocks.2.body.0", "trunk.blocks.5.body.3", "head")
+ORACLE_MODULES = ("trunk.blocks.0.0", "trunk.blocks.2.body.0", "trunk.blocks.5.body.3", "trunk.blocks.17.0")
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +143,7 @@ def _simulated_balanced_accuracy(folded: torch.nn.Module, run_dir) -> float:
 def test_invalid_settings_fail_before_any_work(tmp_path):
     for cfg, word in ((QuantizeConfig(mode="int4"), "int4"), (QuantizeConfig(method="mse"), "mse"),
                       (QuantizeConfig(stage="sparse"), "sparse"), (QuantizeConfig(calib_images=0), "0"),
+                      (QuantizeConfig(float_head="yes"), "float_head 'yes'"),
                       (QuantizeConfig(mode="qat", qat_epochs=0), "0")):
         with pytest.raises(ConfigError, match=word):
             validate_config(cfg)
@@ -158,6 +166,8 @@ def test_plan_quantizes_outputs_only_where_no_consumer_requantizes_them(folded_f
     assert plan["trunk.blocks.2.body.6"] == ("input", "weight", "output")  # projection -> residual add
     assert plan["trunk.blocks.17.0"] == ("input", "weight", "output")  # final conv -> ReLU6 -> pooling
     assert plan["head"] == ("input", "weight", "output")
+    # the default float head: the same plan without the layer that produces the logits
+    assert quantization_plan(folded, ("head",)) == {name: roles for name, roles in plan.items() if name != "head"}
 
 
 def test_minmax_ranges_equal_a_numpy_oracle(ptq, calibration_inputs):
@@ -179,7 +189,7 @@ def test_weight_scales_are_per_channel_absmax_over_127(ptq, folded_float):
     calibration = read_calibration(result.calibration_path)
     folded = folded_float
     weights = [t for t in calibration.tensors if t.role == "weight"]
-    assert len(weights) == len(quantization_plan(folded))
+    assert len(weights) == len(quantization_plan(folded)) - 1  # all but the float head
     for tensor in weights:
         weight = folded.get_submodule(tensor.module).weight.detach().numpy()
         absmax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1)
@@ -212,6 +222,38 @@ def test_metrics_describe_the_fake_quantized_model(ptq, folded_float):
     assert not (run / "quantized/float/model.safetensors").exists()
     # NNI's fake quantization is exactly what calibration.json says
     assert _simulated_balanced_accuracy(folded_float, run) == pytest.approx(on_disk["balanced_accuracy"])
+
+
+def test_float_head_has_no_calibration_entry_and_off_restores_it(ptq, quantized_head_ptq, folded_float):
+    (run, result), (head_run, head_result) = ptq, quantized_head_ptq
+    calibration, with_head = read_calibration(result.calibration_path), read_calibration(head_result.calibration_path)
+    assert result.metrics["float_head"] and result.metrics["float_modules"] == ["head"]
+    assert calibration.float_modules == ("head",) and not [t for t in calibration.tensors if t.module == "head"]
+    # float_head=False is the old behaviour: the head's input, weight and output entries, nothing else changes
+    assert not head_result.metrics["float_head"] and with_head.float_modules == ()
+    assert [t.role for t in with_head.tensors if t.module == "head"] == ["input", "weight", "output"]
+    assert tuple(t for t in with_head.tensors if t.module != "head") == calibration.tensors
+    assert {t.module for t in with_head.tensors} == set(quantization_plan(folded_float))
+    assert _simulated_balanced_accuracy(folded_float, head_run) == pytest.approx(head_result.metrics["balanced_accuracy"])
+
+
+def test_onnx_int8_follows_the_fake_quantized_model_with_a_float_head(ptq, folded_float):
+    """NNI's fake quantization (simulated from calibration.json) and the exported Q/DQ ONNX in ONNX Runtime."""
+    run, result = ptq
+    manifest = export_artifact(run, ExportConfig(precision="int8"))
+    ops = manifest["int8"]["ort_ops"]
+    assert manifest["int8"]["float_layers"] == ["head"] and manifest["calibration"]["float_modules"] == ["head"]
+    assert ops.get("QLinearConv") == manifest["int8"]["quantized_weights"] == 49  # the whole trunk fuses
+    assert ops.get("Gemm") == 1 and "QGemm" not in ops
+    images, _, _ = _val_images(run)
+    simulated = _simulated_logits(copy.deepcopy(folded_float), run, images).numpy()
+    with torch.no_grad():
+        float_logits = folded_float(images).numpy()
+    got = ort_session(manifest["path"]).run(None, {"input": images.numpy()})[0]
+    # not bit-exact: ONNX Runtime quantizes the last conv after its ReLU6 and rounds biases to int32.
+    # Measured on these 8 images: 8/8 agree, mean |ONNX - fake-quant| 0.13 against 0.56 to float.
+    assert np.mean(got.argmax(1) == simulated.argmax(1)) >= 0.85
+    assert np.mean(np.abs(got - simulated)) < 0.5 * np.mean(np.abs(got - float_logits))
 
 
 def test_percentile_ranges_clip_at_the_percentile_of_the_same_activations(narrow_ptq, calibration_inputs):
@@ -261,7 +303,8 @@ def test_qat_weights_are_saved_for_the_export(qat, folded_float):
     assert not torch.equal(tuned["trunk.blocks.5.body.0.weight"], original["trunk.blocks.5.body.0.weight"])
     calibration = read_calibration(result.calibration_path)
     assert calibration.model["mode"] == "qat"
-    for name in ("trunk.blocks.5.body.0", "head"):  # weight scales belong to the tuned weights
+    assert calibration.get("head", "weight") is None  # the head stays float, QAT tunes it as float
+    for name in ("trunk.blocks.5.body.0", "trunk.blocks.17.0"):  # weight scales belong to the tuned weights
         weight = tuned[f"{name}.weight"].numpy()
         absmax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1)
         expected = np.where(absmax > 0, absmax, 1) / 127
