@@ -13,7 +13,8 @@ from rich.table import Table
 from edge_tl.artifacts import read_json
 from edge_tl.errors import EdgeTLError
 
-console = Console()
+# off a terminal (logs, CI) rich assumes 80 columns and squeezes tables; results read better whole
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 
