@@ -237,6 +237,11 @@ def quantize_graph(proto, model: nn.Module, calibration: Calibration, target: st
         if module is not None and module not in float_layers:
             input_scale = activations.get(node.input[0], (None, None))[0]
             weight_nodes[node.name] = _quantize_weight(builder, node, module, values, calibration, input_scale, target)
+    unknown = sorted({tensor.module for tensor in calibration.tensors} - set(node_modules.values()))
+    if unknown or not weight_nodes:
+        what = f"names modules {unknown[:3]} the model has no Conv/Gemm for" if unknown else "quantizes no layer"
+        raise ArtifactError(f"calibration.json {what}; recalibrate the BN-folded model being exported "
+                            "(`edge-tl quantize`)")
 
     rewired: dict[str, str] = {}
     qdq_after: dict[str, list] = {}

@@ -373,6 +373,19 @@ def test_float_head_keeps_the_lite0_trunk_fused_and_the_gemm_float(lite0, tmp_pa
     assert trt["activation_dtype"] == "int8" and check_qdq_for_tensorrt(onnx.load(trt["path"])) == trt["quantized_activations"]
 
 
+def test_calibration_for_other_modules_is_refused(tmp_path):
+    """Absent modules stay float, so a calibration naming other modules must not pass as an all-float "INT8" file."""
+    model = _tiny_classifier()
+    calibration = collect_calibration(fold_batchnorm(model), ArraySource(_images(4, 1), 2), "minmax")
+    renamed = tuple(CalibrationTensor(t.module.replace("trunk.blocks.2.0", "trunk.blocks.3.0"), t.role, t.dtype, t.axis,
+                                      t.scale, t.zero_point, t.min, t.max) for t in calibration.tensors)
+    with pytest.raises(ArtifactError, match=r"names modules \['trunk.blocks.3.0'\] the model has no Conv/Gemm for"):
+        export_qdq_onnx(model, Calibration({}, "minmax", "", renamed), PX, tmp_path / "a.onnx", metadata=META)
+    with pytest.raises(ArtifactError, match="quantizes no layer"):
+        export_qdq_onnx(model, Calibration({}, "minmax", "", ()), PX, tmp_path / "b.onnx", metadata=META)
+    assert not list(tmp_path.iterdir())
+
+
 def test_tensorrt_cache_from_calibration(tmp_path):
     model = _tiny_classifier()
     fp32 = tmp_path / "tiny.onnx"
