@@ -107,7 +107,7 @@ def _print_json_summary(title: str, values: dict, keys: tuple[str, ...]) -> None
 @click.option("--method", type=click.Choice(["contribution", "l1", "l2", "fpgm", "taylor"]), default="contribution",
               show_default=True, help="Channel importance: output energy on training images (contribution) or NNI pruners.")
 @click.option("--align", type=int, default=8, show_default=True, help="Round channel counts to multiples of this.")
-@click.option("--recover-epochs", type=int, default=6, show_default=True)
+@click.option("--recover-epochs", type=int, default=3, show_default=True)
 @click.option("--distill/--no-distill", default=True, show_default=True, help="Distil from the unpruned model.")
 @click.option("--require-speedup", is_flag=True, help="Exit 1 when the pruned model is not faster in ONNX Runtime.")
 @click.option("--sweep", is_flag=True, help="Measure accuracy, MACs and latency per stage and sparsity instead.")
