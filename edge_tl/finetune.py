@@ -239,6 +239,23 @@ def _lbfgs_epoch(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor,
     return optimizer.step(closure).item()
 
 
+def fit_linear_head(features: torch.Tensor, labels: np.ndarray, num_classes: int, l2: float,
+                    iterations: int = 200, seed: int = 0) -> nn.Linear:
+    """The deployed head for fixed ``features``: a class-weighted, L2-regularised logistic regression
+    on standardised features, fitted by full-batch L-BFGS, folded into one plain nn.Linear."""
+    torch.manual_seed(seed)
+    features = features.float()
+    standardize = _Standardize(features)
+    head = nn.Linear(features.shape[1], num_classes)
+    weights = torch.as_tensor(data_mod.class_weights(labels, num_classes), dtype=torch.float32)
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=iterations, history_size=20,
+                                  line_search_fn="strong_wolfe")
+    _lbfgs_epoch(head, standardize(features), torch.as_tensor(labels, dtype=torch.long), weights,
+                 FinetuneConfig(head_l2=l2), optimizer)
+    fold_standardization(head, standardize)
+    return head
+
+
 def train_head(model: nn.Module, train_records, val_records, classes, spec: BackboneSpec, img_size: int,
                cfg: FinetuneConfig) -> tuple[list[dict], float]:
     """Train the head (and the last ``cfg.unfreeze`` blocks); restore the best epoch in place.
