@@ -19,7 +19,7 @@ QAT continues with NNI's QATQuantizer from those ranges (activation ranges then 
 moving average) and keeps the epoch with the best validation balanced accuracy (PTQ included).
 
 Output in ``RUN_DIR/quantized/<stage>/`` (one layout for ptq and qat; the latest run wins):
-``calibration.json``, for qat ``model.safetensors`` (the QAT-tuned state dict of the folded model,
+``calibration.json``, for qat or a refit head ``model.safetensors`` (the tuned state dict of the folded model,
 which the INT8 export must use instead of the stage's weights), and ``metrics.json`` last.
 """
 from __future__ import annotations
@@ -64,7 +64,8 @@ QAT_PATIENCE_EPOCHS = 2
 @dataclass(frozen=True)
 class QuantizeConfig:
     """Settings of one quantize run. ``percentile`` applies to ``method='percentile'`` only;
-    ``float_head`` keeps the layer producing the logits float (no calibration.json entry)."""
+    ``float_head`` keeps the layer producing the logits float (no calibration.json entry);
+    ``refit_head`` then refits it, after PTQ, on the quantized trunk's training-split features."""
 
     stage: str = "float"
     mode: str = "ptq"
@@ -76,13 +77,14 @@ class QuantizeConfig:
     seed: int = 0
     percentile: float = DEFAULT_PERCENTILE
     float_head: bool = True
+    refit_head: bool = True  # PTQ with a float head: refit it on the quantized trunk's training features
 
 
 @dataclass(frozen=True)
 class QuantizeResult:
     calibration_path: Path
     metrics: dict
-    model_path: Path | None = None  # QAT-tuned folded weights (mode qat only)
+    model_path: Path | None = None  # tuned folded weights (QAT, or PTQ with a refit head)
 
 
 def validate_config(cfg: QuantizeConfig) -> None:
@@ -94,6 +96,8 @@ def validate_config(cfg: QuantizeConfig) -> None:
     check_range_method(cfg.method, cfg.percentile)
     if not isinstance(cfg.float_head, bool):
         raise ConfigError(f"float_head {cfg.float_head!r} must be true or false (true keeps the classifier head float)")
+    if not isinstance(cfg.refit_head, bool):
+        raise ConfigError(f"refit_head {cfg.refit_head!r} must be true or false (true refits the float head after PTQ)")
     for name, value in (("--calib-images", cfg.calib_images), ("batch size", cfg.batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} {value!r} must be an integer >= 1, e.g. 256 calibration images")
@@ -330,6 +334,8 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     quantizer, tensors = _calibrate(folded, plan, source, cfg)
     metrics = evaluate(folded)
     extra = {"ptq_balanced_accuracy": metrics["balanced_accuracy"]}
+    if cfg.mode == "ptq" and cfg.float_head and cfg.refit_head:
+        metrics, extra["head_refit"] = _refit_head(folded, run_info, evaluate, metrics)
     if cfg.mode == "qat":
         quantizer.unwrap_model()
         quantizer, tensors, extra["qat_history"] = _qat(folded, model, plan, tensors, run_info, val_images,
@@ -348,19 +354,51 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     return _write_outputs(quantized_dir(run_dir, cfg.stage), cfg, run_info, source, tensors, folded, metrics)
 
 
+def _refit_head(folded: nn.Module, run_info: dict, evaluate, metrics: dict) -> tuple[dict, dict]:
+    """Refit the float head on the fake-quantized trunk's features of the training split.
+
+    The head of a frozen-trunk run is a standardised logistic regression: it leans on features
+    whose spread is small next to INT8 rounding. Fitted again (same L2, training split only) to
+    what the quantized trunk outputs, it reads the features the deployed model will produce. The
+    refit is kept only when validation balanced accuracy does not fall, like early stopping.
+    """
+    from edge_tl.finetune import fit_linear_head
+
+    train = run_records(run_info, "train")
+    size, mean, std = run_info["img_size"], run_info["mean"], run_info["std"]
+    with torch.inference_mode():
+        features = torch.cat([folded.trunk(torch.from_numpy(data_mod.load_tensor_batch(train[i:i + 32], size, mean, std)))
+                              for i in range(0, len(train), 32)])
+    l2 = float(run_info.get("config", {}).get("head_l2", 1e-2))
+    head = fit_linear_head(features, np.array([r.label for r in train]), len(run_info["classes"]), l2)
+    previous = copy.deepcopy(folded.head.state_dict())
+    folded.head.load_state_dict(head.state_dict())
+    refit = evaluate(folded)
+    kept = refit["balanced_accuracy"] >= metrics["balanced_accuracy"]
+    if not kept:
+        folded.head.load_state_dict(previous)
+    log.info("head refit on quantized features: balanced accuracy %.4f -> %.4f (%s)", metrics["balanced_accuracy"],
+             refit["balanced_accuracy"], "kept" if kept else "discarded")
+    summary = {"kept": kept, "balanced_accuracy_before": metrics["balanced_accuracy"],
+               "balanced_accuracy_after": refit["balanced_accuracy"], "train_images": len(train)}
+    return (refit if kept else metrics), summary
+
+
 def _write_outputs(out: Path, cfg: QuantizeConfig, run_info: dict, source: ClassBalancedSource, tensors,
                    folded: nn.Module, metrics: dict) -> QuantizeResult:
-    """calibration.json, the QAT weights (or removal of stale ones), then metrics.json as the manifest."""
+    """calibration.json, the tuned weights (or removal of stale ones), then metrics.json as the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)  # the manifest goes first and comes back last
     weights_path = out / "model.safetensors"
-    if cfg.mode == "qat":
-        save_weights(weights_path, folded.state_dict(), {"stage": cfg.stage, "mode": "qat", "folded": "batchnorm"})
+    tuned = cfg.mode == "qat" or metrics.get("head_refit", {}).get("kept", False)
+    if tuned:
+        save_weights(weights_path, folded.state_dict(), {"stage": cfg.stage, "mode": cfg.mode, "folded": "batchnorm"})
     else:
-        weights_path.unlink(missing_ok=True)  # stale QAT weights would not match the new ranges
+        weights_path.unlink(missing_ok=True)  # stale tuned weights would not match the new ranges
     calibration = Calibration(
         model={"stage": cfg.stage, "img_size": run_info["img_size"], "input_name": INPUT_NAME,
-               "backbone": run_info["backbone"], "mode": cfg.mode, "float_modules": metrics["float_modules"]},
+               "backbone": run_info["backbone"], "mode": cfg.mode, "float_modules": metrics["float_modules"],
+               "tuned_weights": tuned},
         method=cfg.method, calibration_files_hash=source.file_list_hash(root=run_info["data_dir"]),
         tensors=tuple(tensors),
     )
@@ -372,7 +410,7 @@ def _write_outputs(out: Path, cfg: QuantizeConfig, run_info: dict, source: Class
         "files": {name: sha256_file(out / name) for name in files},
     }
     atomic_write_json(out / "metrics.json", metrics)
-    return QuantizeResult(out / "calibration.json", metrics, weights_path if cfg.mode == "qat" else None)
+    return QuantizeResult(out / "calibration.json", metrics, weights_path if weights_path.is_file() else None)
 
 
 def _relative(path: Path, root: str) -> str:
@@ -385,8 +423,8 @@ def _relative(path: Path, root: str) -> str:
 def load_quantized_model(run_dir: str | Path, stage: str = "float") -> tuple[nn.Module, dict, Calibration]:
     """(folded float model, run_info, calibration) of RUN_DIR/quantized/<stage> for the INT8 export.
 
-    The model is the stage's model with BatchNorm folded, carrying the QAT-tuned weights when the
-    latest quantize run was ``--mode qat``; calibration.json's module names refer to it.
+    The model is the stage's model with BatchNorm folded, carrying the tuned weights (QAT, or the
+    PTQ head refit) when the quantize run wrote them; calibration.json's module names refer to it.
     """
     if stage not in STAGES:
         raise ConfigError(f"--stage {stage!r} is not one of {', '.join(STAGES)}")
@@ -402,6 +440,6 @@ def load_quantized_model(run_dir: str | Path, stage: str = "float") -> tuple[nn.
     calibration = read_calibration(out / "calibration.json")
     model, run_info = load_stage_model(run_dir, stage)
     folded = fold_batchnorm(model)
-    if manifest.get("mode") == "qat":
+    if "model.safetensors" in manifest.get("files", {}):  # QAT or PTQ with a refit head
         folded.load_state_dict(load_weights(out / "model.safetensors"), strict=True)
     return folded.eval(), run_info, calibration

@@ -11,9 +11,9 @@
   metadata, so ``verify`` can feed the engine), and for INT8 on TensorRT <= 10 the implicit-INT8
   calibration cache ``model.<stage>.int8.calib`` generated from calibration.json.
 
-INT8 reads ``RUN_DIR/quantized/<stage>/calibration.json``; when that quantize run was QAT
-(``model.safetensors`` beside it, folded weights) the QAT weights are exported, and the manifest
-says so. Layers without an entry in calibration.json (by default the classifier head, see
+INT8 reads ``RUN_DIR/quantized/<stage>/calibration.json``; when that quantize run tuned weights
+(QAT, or the PTQ head refit: ``model.safetensors`` beside it, folded weights) those are exported,
+and the manifest says so. Layers without an entry in calibration.json (by default the classifier head, see
 calibrate/FORMAT.md) stay float in both Q/DQ flavours; ``int8.float_layers`` names them. Every check on the request runs before any model is loaded. Files are built in a hidden
 staging folder inside ``export/`` and moved into place only when everything succeeded, an old
 manifest is removed before its artifact is replaced, and the new manifest is written last: a
@@ -121,7 +121,7 @@ def _check_run(run_dir: Path, cfg: ExportConfig) -> None:
 
 
 def _checked_calibration(run_dir: Path, stage: str, img_size: int) -> tuple[Calibration, Path | None]:
-    """calibration.json of ``stage`` and the QAT weights beside it (None after PTQ), checked against the run."""
+    """calibration.json of ``stage`` and the tuned weights beside it (QAT or a PTQ head refit; else None)."""
     path = calibration_path(run_dir, stage)
     if not path.is_file():
         raise ArtifactError(f"INT8 export needs {path}; run `edge-tl quantize {run_dir} --stage {stage}` first")
@@ -132,11 +132,12 @@ def _checked_calibration(run_dir: Path, stage: str, img_size: int) -> tuple[Cali
     if recorded_size not in (None, img_size):
         raise ArtifactError(f"{path} was made at {recorded_size} px, the run uses {img_size} px; rerun `edge-tl quantize`")
     weights_path = path.parent / "model.safetensors"
-    mode = calibration.model.get("mode")
-    if mode == "qat" and not weights_path.is_file():
-        raise ArtifactError(f"{path} comes from QAT but {weights_path} is missing; rerun `edge-tl quantize --mode qat`")
-    if mode == "ptq" and weights_path.is_file():
-        raise ArtifactError(f"{weights_path} is left from an older QAT run but {path} is PTQ; delete it or rerun `edge-tl quantize`")
+    tuned = calibration.model.get("mode") == "qat" or bool(calibration.model.get("tuned_weights"))
+    if tuned and not weights_path.is_file():
+        raise ArtifactError(f"{path} refers to tuned weights but {weights_path} is missing; rerun `edge-tl quantize`")
+    if not tuned and weights_path.is_file():
+        raise ArtifactError(f"{weights_path} is left from an older quantize run that {path} does not use; "
+                            "delete it or rerun `edge-tl quantize`")
     return calibration, weights_path if weights_path.is_file() else None
 
 
@@ -144,7 +145,7 @@ def load_int8_model(run_dir: str | os.PathLike, stage: str, model: nn.Module, im
                     ) -> tuple[nn.Module, Calibration, dict[str, Any]]:
     """(model to quantize, calibration, calibration facts for the manifest) of RUN_DIR/quantized/<stage>.
 
-    The model is ``model`` BN-folded, with the QAT weights of ``quantized/<stage>/model.safetensors``
+    The model is ``model`` BN-folded, with the tuned weights of ``quantized/<stage>/model.safetensors``
     when the quantize run was QAT (calibration.json's module names and ranges refer to those weights).
     """
     from edge_tl.fold import fold_batchnorm
@@ -156,7 +157,7 @@ def load_int8_model(run_dir: str | os.PathLike, stage: str, model: nn.Module, im
     facts: dict[str, Any] = {
         "path": path.relative_to(run_dir).as_posix(), "sha256": sha256_file(path), "method": calibration.method,
         "calibration_files_hash": calibration.calibration_files_hash, "mode": calibration.model.get("mode"),
-        "weights": "qat" if weights_path is not None else "stage", "float_modules": list(calibration.float_modules),
+        "weights": "tuned" if weights_path is not None else "stage", "float_modules": list(calibration.float_modules),
     }
     if weights_path is not None:
         try:
@@ -165,8 +166,8 @@ def load_int8_model(run_dir: str | os.PathLike, stage: str, model: nn.Module, im
             raise ArtifactError(
                 f"{weights_path} does not fit the {stage} model ({str(err).splitlines()[0]}); rerun `edge-tl quantize --mode qat`"
             ) from err
-        facts["qat_weights_sha256"] = sha256_file(weights_path)
-        logger.info("INT8 export of the %s stage uses the QAT weights of %s", stage, weights_path)
+        facts["tuned_weights_sha256"] = sha256_file(weights_path)
+        logger.info("INT8 export of the %s stage uses the tuned weights of %s", stage, weights_path)
     return folded.eval(), calibration, facts
 
 
@@ -249,7 +250,7 @@ def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: d
             manifest["calibration"] = facts
             manifest["qdq_target"] = cfg.target
             manifest["parity_reference"] = (f"PyTorch {cfg.stage} model, BN-folded"
-                                            + (", QAT weights" if facts["weights"] == "qat" else ""))
+                                            + (", tuned weights" if facts["weights"] == "tuned" else ""))
             manifest["int8"] = {key: report[key] for key in (
                 "quantized_weights", "quantized_activations", "float_activations", "float_layers", "activation_dtype",
                 "ort_ops")}

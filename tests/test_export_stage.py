@@ -179,9 +179,9 @@ def test_qat_weights_are_used_and_stated(run_dir, tmp_path):
     save_weights(run / "quantized" / "float" / "model.safetensors", tuned.state_dict(), {"mode": "qat"})
     write_ptq_calibration(run, model=tuned, mode="qat")
     manifest = export_artifact(run, ExportConfig(precision="int8"))
-    assert manifest["calibration"]["weights"] == "qat" and "QAT weights" in manifest["parity_reference"]
-    assert manifest["calibration"]["qat_weights_sha256"] == sha256_file(run / "quantized" / "float" / "model.safetensors")
-    assert read_onnx_metadata(manifest["path"])["int8_weights"] == "qat"
+    assert manifest["calibration"]["weights"] == "tuned" and "tuned weights" in manifest["parity_reference"]
+    assert manifest["calibration"]["tuned_weights_sha256"] == sha256_file(run / "quantized" / "float" / "model.safetensors")
+    assert read_onnx_metadata(manifest["path"])["int8_weights"] == "tuned"
     run_info = read_json(run / "run.json")
     images = data_mod.load_tensor_batch(run_records(run_info, "val"), PX, run_info["mean"], run_info["std"])
     got = ort_session(manifest["path"]).run(None, {"input": images})[0]
@@ -191,7 +191,7 @@ def test_qat_weights_are_used_and_stated(run_dir, tmp_path):
     assert np.mean(np.abs(got - tuned_logits)) < 0.25 * np.mean(np.abs(got - stage_logits))
 
     (run / "quantized" / "float" / "model.safetensors").unlink()
-    with pytest.raises(ArtifactError, match="comes from QAT but .*model.safetensors is missing"):
+    with pytest.raises(ArtifactError, match="refers to tuned weights but .*model.safetensors is missing"):
         export_artifact(run, ExportConfig(precision="int8"))
 
 

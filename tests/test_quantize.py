@@ -58,7 +58,7 @@ def _quantized_copy(run_dir, tmp_path_factory, cfg: QuantizeConfig):
 
 @pytest.fixture(scope="module")
 def ptq(run_dir, tmp_path_factory):
-    return _quantized_copy(run_dir, tmp_path_factory, QuantizeConfig())
+    return _quantized_copy(run_dir, tmp_path_factory, QuantizeConfig(refit_head=False))
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +107,15 @@ def _fake_quant(values: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -
 
 def _simulated_logits(folded: torch.nn.Module, run_dir, images: torch.Tensor) -> torch.Tensor:
     """Logits of a plain-torch fake quantization of ``folded`` built from the quantize artifacts alone:
-    calibration.json, and model.safetensors after QAT (the model is modified)."""
+    calibration.json, and model.safetensors when it holds tuned weights (the model is modified)."""
+    with torch.no_grad():
+        return _simulated_model(folded, run_dir).eval()(images)
+
+
+def _simulated_model(folded: torch.nn.Module, run_dir, tuned: bool = True) -> torch.nn.Module:
     out = run_dir / "quantized/float"
     calibration = read_calibration(out / "calibration.json")
-    if calibration.model["mode"] == "qat":
+    if tuned and (out / "model.safetensors").is_file():
         folded.load_state_dict(load_weights(out / "model.safetensors"), strict=True)
     for tensor in calibration.tensors:
         module = folded.get_submodule(tensor.module)
@@ -123,8 +128,7 @@ def _simulated_logits(folded: torch.nn.Module, run_dir, images: torch.Tensor) ->
                 lambda m, args, t=tensor: (_fake_quant(args[0], t.scale, t.zero_point, 0, 255),))
         else:
             module.register_forward_hook(lambda m, args, out, t=tensor: _fake_quant(out, t.scale, t.zero_point, 0, 255))
-    with torch.no_grad():
-        return folded.eval()(images)
+    return folded
 
 
 def _val_images(run_dir) -> tuple[torch.Tensor, np.ndarray, dict]:
@@ -144,6 +148,7 @@ def test_invalid_settings_fail_before_any_work(tmp_path):
     for cfg, word in ((QuantizeConfig(mode="int4"), "int4"), (QuantizeConfig(method="mse"), "mse"),
                       (QuantizeConfig(stage="sparse"), "sparse"), (QuantizeConfig(calib_images=0), "0"),
                       (QuantizeConfig(float_head="yes"), "float_head 'yes'"),
+                      (QuantizeConfig(refit_head=1), "refit_head 1"),
                       (QuantizeConfig(mode="qat", qat_epochs=0), "0")):
         with pytest.raises(ConfigError, match=word):
             validate_config(cfg)
@@ -222,6 +227,37 @@ def test_metrics_describe_the_fake_quantized_model(ptq, folded_float):
     assert not (run / "quantized/float/model.safetensors").exists()
     # NNI's fake quantization is exactly what calibration.json says
     assert _simulated_balanced_accuracy(folded_float, run) == pytest.approx(on_disk["balanced_accuracy"])
+
+
+def test_head_refit_fits_the_quantized_trunk_features(run_dir, ptq, folded_float, tmp_path):
+    """The refit head is the standardised logistic regression on the fake-quantized trunk's training
+    features; it is kept only when validation balanced accuracy does not fall, and then exported."""
+    from edge_tl.finetune import fit_linear_head
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    result = quantize(run, QuantizeConfig())
+    refit = result.metrics["head_refit"]
+    plain_ptq = ptq[1].metrics["balanced_accuracy"]
+    assert refit["balanced_accuracy_before"] == pytest.approx(plain_ptq)
+    assert refit["kept"] == (refit["balanced_accuracy_after"] >= plain_ptq)
+    assert result.metrics["balanced_accuracy"] == pytest.approx(max(refit["balanced_accuracy_after"], plain_ptq))
+    calibration = read_calibration(result.calibration_path)
+    weights = run / "quantized/float/model.safetensors"
+    assert calibration.model["tuned_weights"] == refit["kept"] == weights.is_file()
+    if refit["kept"]:
+        run_info = json.loads((run / "run.json").read_text())
+        train = run_records(run_info, "train")
+        images = torch.from_numpy(load_tensor_batch(train, run_info["img_size"], run_info["mean"], run_info["std"]))
+        quantized = _simulated_model(copy.deepcopy(folded_float), run, tuned=False).eval()
+        with torch.no_grad():
+            features = quantized.trunk(images)
+        oracle = fit_linear_head(features, np.array([r.label for r in train]), len(run_info["classes"]),
+                                 run_info["config"]["head_l2"])
+        saved = load_weights(weights)
+        expected = oracle.weight.detach()
+        assert torch.allclose(saved["head.weight"], expected, atol=1e-4 * float(expected.abs().max()))
+        assert not torch.allclose(saved["head.weight"], folded_float.head.weight)
 
 
 def test_float_head_has_no_calibration_entry_and_off_restores_it(ptq, quantized_head_ptq, folded_float):
