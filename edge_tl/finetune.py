@@ -256,6 +256,36 @@ def fit_linear_head(features: torch.Tensor, labels: np.ndarray, num_classes: int
     return head
 
 
+def refit_head(model: nn.Module, run_info: dict, evaluate: Callable[[nn.Module], dict], metrics: dict
+               ) -> tuple[dict, dict]:
+    """Refit ``model.head`` on what ``model.trunk`` now outputs for the training split (plain view).
+
+    After a change to the trunk (INT8 fake quantization, pruning) the head of a frozen-trunk run,
+    a standardised logistic regression leaning on low-spread features, reads shifted features; the
+    same fit (run's L2, training split only) on the new features matches them again. The refit is
+    kept only when ``evaluate(model)["balanced_accuracy"]`` does not fall below ``metrics``' (the
+    model's before it), like early stopping. Returns (metrics of the kept model, a summary).
+    """
+    train = run_records(run_info, "train")
+    size, mean, std = run_info["img_size"], run_info["mean"], run_info["std"]
+    with torch.inference_mode():
+        features = torch.cat([model.trunk(torch.from_numpy(data_mod.load_tensor_batch(chunk, size, mean, std)))
+                              for chunk in _batched(train, 32)])
+    l2 = float(run_info.get("config", {}).get("head_l2", FinetuneConfig.head_l2))
+    head = fit_linear_head(features, np.array([r.label for r in train]), len(run_info["classes"]), l2)
+    previous = copy.deepcopy(model.head.state_dict())
+    model.head.load_state_dict(head.state_dict())
+    refit = evaluate(model)
+    kept = refit["balanced_accuracy"] >= metrics["balanced_accuracy"]
+    if not kept:
+        model.head.load_state_dict(previous)
+    log.info("head refit: balanced accuracy %.4f -> %.4f (%s)", metrics["balanced_accuracy"],
+             refit["balanced_accuracy"], "kept" if kept else "discarded")
+    summary = {"kept": kept, "balanced_accuracy_before": metrics["balanced_accuracy"],
+               "balanced_accuracy_after": refit["balanced_accuracy"], "train_images": len(train)}
+    return (refit if kept else metrics), summary
+
+
 def train_head(model: nn.Module, train_records, val_records, classes, spec: BackboneSpec, img_size: int,
                cfg: FinetuneConfig) -> tuple[list[dict], float]:
     """Train the head (and the last ``cfg.unfreeze`` blocks); restore the best epoch in place.

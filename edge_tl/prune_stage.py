@@ -19,7 +19,7 @@ from edge_tl import data as data_mod
 from edge_tl.artifacts import atomic_write_json, load_weights, read_json, save_weights
 from edge_tl.backbones import build_model
 from edge_tl.errors import AccuracyRegressionError, ArtifactError, ConfigError
-from edge_tl.finetune import load_checkpoint, run_records
+from edge_tl.finetune import load_checkpoint, refit_head, run_records
 from edge_tl.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class PruneConfig:
     calibration_images: int = 64
     latency_runs: int = 50
     require_speedup: bool = False
+    refit_head: bool = True  # refit the head on the pruned trunk's features before recovery
     seed: int = 0
 
 
@@ -99,6 +100,11 @@ def prune_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig()) -> PruneRes
     pruned, spec = prune_mod.prune_model(parent, img_size, cfg.sparsity, cfg.method, cfg.align,
                                          calibration_batches=calibration_batches, training_batches=training_batches)
 
+    head_refit = None
+    if cfg.refit_head:
+        _, head_refit = refit_head(pruned, run_info, lambda m: {"balanced_accuracy": balanced_accuracy(m)},
+                                   {"balanced_accuracy": balanced_accuracy(pruned)})
+
     def train_loader():
         order = [train[i] for i in rng.permutation(len(train))]
         return _batches(order, run_info, cfg.batch_size, rng)
@@ -119,6 +125,7 @@ def prune_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig()) -> PruneRes
         "parent_balanced_accuracy": parent_metrics["balanced_accuracy"],
         "balanced_accuracy_delta": 100.0 * (metrics["balanced_accuracy"] - parent_metrics["balanced_accuracy"]),
         "faster_than_parent": latency < parent_latency,
+        "head_refit": head_refit,
         "recovery": recovery,
         "config": asdict(cfg),
     })

@@ -42,7 +42,7 @@ from edge_tl import data as data_mod
 from edge_tl import nni_compat
 from edge_tl.artifacts import atomic_write_json, load_weights, read_json, save_weights, sha256_file
 from edge_tl.errors import ArtifactError, ConfigError
-from edge_tl.finetune import load_checkpoint, run_records
+from edge_tl.finetune import load_checkpoint, refit_head, run_records
 from edge_tl.fold import fold_batchnorm
 from edge_tl.metrics import classification_metrics
 
@@ -335,7 +335,7 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     metrics = evaluate(folded)
     extra = {"ptq_balanced_accuracy": metrics["balanced_accuracy"]}
     if cfg.mode == "ptq" and cfg.float_head and cfg.refit_head:
-        metrics, extra["head_refit"] = _refit_head(folded, run_info, evaluate, metrics)
+        metrics, extra["head_refit"] = refit_head(folded, run_info, evaluate, metrics)
     if cfg.mode == "qat":
         quantizer.unwrap_model()
         quantizer, tensors, extra["qat_history"] = _qat(folded, model, plan, tensors, run_info, val_images,
@@ -352,36 +352,6 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     log.info("%s %s: balanced accuracy %.4f (float %.4f, delta %+.2f points)", cfg.stage, cfg.mode,
              metrics["balanced_accuracy"], float_metrics["balanced_accuracy"], metrics["balanced_accuracy_delta"])
     return _write_outputs(quantized_dir(run_dir, cfg.stage), cfg, run_info, source, tensors, folded, metrics)
-
-
-def _refit_head(folded: nn.Module, run_info: dict, evaluate, metrics: dict) -> tuple[dict, dict]:
-    """Refit the float head on the fake-quantized trunk's features of the training split.
-
-    The head of a frozen-trunk run is a standardised logistic regression: it leans on features
-    whose spread is small next to INT8 rounding. Fitted again (same L2, training split only) to
-    what the quantized trunk outputs, it reads the features the deployed model will produce. The
-    refit is kept only when validation balanced accuracy does not fall, like early stopping.
-    """
-    from edge_tl.finetune import fit_linear_head
-
-    train = run_records(run_info, "train")
-    size, mean, std = run_info["img_size"], run_info["mean"], run_info["std"]
-    with torch.inference_mode():
-        features = torch.cat([folded.trunk(torch.from_numpy(data_mod.load_tensor_batch(train[i:i + 32], size, mean, std)))
-                              for i in range(0, len(train), 32)])
-    l2 = float(run_info.get("config", {}).get("head_l2", 1e-2))
-    head = fit_linear_head(features, np.array([r.label for r in train]), len(run_info["classes"]), l2)
-    previous = copy.deepcopy(folded.head.state_dict())
-    folded.head.load_state_dict(head.state_dict())
-    refit = evaluate(folded)
-    kept = refit["balanced_accuracy"] >= metrics["balanced_accuracy"]
-    if not kept:
-        folded.head.load_state_dict(previous)
-    log.info("head refit on quantized features: balanced accuracy %.4f -> %.4f (%s)", metrics["balanced_accuracy"],
-             refit["balanced_accuracy"], "kept" if kept else "discarded")
-    summary = {"kept": kept, "balanced_accuracy_before": metrics["balanced_accuracy"],
-               "balanced_accuracy_after": refit["balanced_accuracy"], "train_images": len(train)}
-    return (refit if kept else metrics), summary
 
 
 def _write_outputs(out: Path, cfg: QuantizeConfig, run_info: dict, source: ClassBalancedSource, tensors,

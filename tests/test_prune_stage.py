@@ -34,6 +34,11 @@ def test_prune_run_writes_spec_weights_and_metrics(run_dir):
     assert metrics["macs"] == count_macs(pruned, IMG) < count_macs(parent, IMG)
     assert metrics["macs_ratio"] == pytest.approx(metrics["parent_macs"] / metrics["macs"])
     assert metrics["macs_ratio"] >= 1.3
+    # the head refit on the pruned trunk is kept only if it does not lose accuracy; recovery starts from it
+    refit = metrics["head_refit"]
+    assert refit["kept"] == (refit["balanced_accuracy_after"] >= refit["balanced_accuracy_before"])
+    start = metrics["recovery"]["history"][0]["balanced_accuracy"]
+    assert start == pytest.approx(max(refit["balanced_accuracy_after"], refit["balanced_accuracy_before"]))
     shape = json.loads((result.pruned_dir / "shape.json").read_text())
     assert shape["backbone"] == "efficientnet_lite0" and shape["img_size"] == IMG
     assert all(layer.get("out_channels", 8) % 8 == 0 for layer in shape["layers"].values())
