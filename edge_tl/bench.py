@@ -238,7 +238,7 @@ def _stage_facts(run_dir: Path, stage: str, run_info: dict) -> dict[str, Any]:
                                          run_info.get("ok_class"))
         source = "computed on the validation split"
     if params is None or macs is None:
-        from edge_tl.prune import count_macs, count_params
+        from edge_tl.model_cost import count_macs, count_params
 
         model = model if model is not None else load_stage_model(run_dir, stage)[0]
         params, macs = count_params(model), count_macs(model, run_info["img_size"])

@@ -1,4 +1,4 @@
-"""Structured pruning of the trunk with NNI, the pruned-shape spec, cost counters, and recovery.
+"""Structured pruning of the trunk with NNI, the pruned-shape spec, and the per-stage sweep.
 
 What is pruned: the expansion (1x1) convolution of every inverted-residual block, by output
 channel. The depthwise convolution after it and any squeeze-excitation gate scaling its output
@@ -16,17 +16,16 @@ squares so their outputs match the parent's on those images (see ``reconstruct_p
 magnetic-tile run this took taylor-pruned EfficientNet-Lite0 at sparsity 0.5 from 0.56 to 0.84
 balanced accuracy (parent 0.91) before any recovery training; matching BatchNorm statistics
 instead, or on top, did worse.
+
+Cost measurement lives in ``edge_tl.model_cost`` and recovery training in ``edge_tl.recovery``;
+their public names are re-exported here for existing imports.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import math
-import statistics
-import tempfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -37,6 +36,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from edge_tl import nni_compat
 from edge_tl.backbones import EdgeClassifier
 from edge_tl.errors import ArtifactError, ConfigError
+from edge_tl.model_cost import compare_ort_latency_ms, count_macs, count_params, ort_latency_ms
+from edge_tl.recovery import distillation_loss, recover  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -429,166 +430,6 @@ def _resized(old: nn.Module, shape: Mapping) -> nn.Module:
     if isinstance(old, nn.BatchNorm2d):
         return nn.BatchNorm2d(shape["num_features"], old.eps, old.momentum, old.affine, old.track_running_stats)
     return nn.Linear(shape["in_features"], shape["out_features"], old.bias is not None)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(param.numel() for param in model.parameters())
-
-
-def count_macs(model: nn.Module, img_size: int) -> int:
-    """Multiply-accumulates of Conv2d and Linear layers for one image (groups-aware; BN and activations not counted)."""
-    total = 0
-
-    def hook(module, args, output):
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            total += output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
-        else:
-            total += output.numel() * module.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, img_size, img_size))
-    finally:
-        model.train(training)
-        for handle in handles:
-            handle.remove()
-    return total
-
-
-def _ort_session(model: nn.Module, img_size: int, threads: int):
-    import onnxruntime as ort
-
-    training = model.training
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        try:
-            torch.onnx.export(model.eval(), (torch.zeros(1, 3, img_size, img_size),), str(path), dynamo=False,
-                              input_names=["input"], output_names=["logits"], opset_version=17)
-        finally:
-            model.train(training)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def compare_ort_latency_ms(models: list[nn.Module], img_size: int, runs: int = 50, warmup: int = 10,
-                           threads: int = 1) -> list[float]:
-    """Median ONNX Runtime CPU latency (ms, batch 1) of each model, timed in alternation.
-
-    Runs alternate between the models, so a change in machine load affects all of them alike and
-    their ratio stays meaningful on a shared machine.
-    """
-    import numpy as np
-
-    sessions = [_ort_session(model, img_size, threads) for model in models]
-    feed = {"input": np.random.default_rng(0).random((1, 3, img_size, img_size), dtype=np.float32)}
-    for session in sessions:
-        for _ in range(warmup):
-            session.run(None, feed)
-    timings: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for session, times in zip(sessions, timings):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append((time.perf_counter() - start) * 1000.0)
-    return [statistics.median(times) for times in timings]
-
-
-def ort_latency_ms(model: nn.Module, img_size: int, runs: int = 50, warmup: int = 10, threads: int = 1) -> float:
-    """Median ONNX Runtime CPU latency (ms) of one batch-1 inference, after ``warmup`` runs."""
-    return compare_ort_latency_ms([model], img_size, runs, warmup, threads)[0]
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      temperature: float = 4.0, alpha: float = 0.7) -> torch.Tensor:
-    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross_entropy(student, labels)``."""
-    kl = F.kl_div(F.log_softmax(student_logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
-                  reduction="batchmean", log_target=True)
-    return alpha * temperature ** 2 * kl + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
-
-
-def _train_with_frozen_batchnorm(model: nn.Module) -> None:
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
-
-
-def recover(
-    student: nn.Module,
-    teacher: nn.Module | None,
-    train_loader_fn: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-    val_fn: Callable[[nn.Module], float],
-    epochs: int,
-    lr: float,
-    distill: bool = True,
-    temperature: float = 4.0,
-    alpha: float = 0.7,
-    patience: int = 3,
-    weight_decay: float = 1e-4,
-) -> dict:
-    """Fine-tune the pruned ``student`` (in place) with distillation from ``teacher``; keep the best epoch.
-
-    Every weight trains (AdamW, cosine schedule); BatchNorm layers stay in eval mode with frozen
-    statistics, because factory batches are small and few, and the statistics were already matched
-    to the parent at pruning time. ``val_fn(model)`` returns balanced accuracy; epoch 0 is the
-    pruned model before training, so recovery never returns something worse than it started with.
-    Training stops after ``patience`` epochs without improvement.
-    """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ConfigError(f"recovery epochs {epochs!r} is invalid; use an integer >= 0")
-    if not lr > 0 or not temperature > 0 or not 0.0 <= alpha <= 1.0 or patience < 1:
-        raise ConfigError(f"recovery settings lr={lr}, temperature={temperature}, alpha={alpha}, patience={patience} "
-                          "are invalid; use lr > 0, temperature > 0, 0 <= alpha <= 1, patience >= 1")
-    if distill and teacher is None:
-        raise ConfigError("distillation needs the unpruned teacher model; pass it or set distill=False")
-    flags = [(param, param.requires_grad) for param in student.parameters()]
-    for param, _ in flags:
-        param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    best = float(val_fn(student.eval()))
-    best_state, best_epoch, stale = copy.deepcopy(student.state_dict()), 0, 0
-    history = [{"epoch": 0, "train_loss": None, "balanced_accuracy": best, "seconds": 0.0}]
-    try:
-        for epoch in range(1, epochs + 1):
-            start, total, count = time.perf_counter(), 0.0, 0
-            _train_with_frozen_batchnorm(student)
-            for x, y in train_loader_fn():
-                x, y = x.float(), y.long()
-                logits = student(x)
-                if distill:
-                    with torch.no_grad():
-                        teacher_logits = teacher.eval()(x)
-                    loss = distillation_loss(logits, teacher_logits, y, temperature, alpha)
-                else:
-                    loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total, count = total + loss.item() * len(x), count + len(x)
-            scheduler.step()
-            accuracy = float(val_fn(student.eval()))
-            history.append({"epoch": epoch, "train_loss": total / max(count, 1), "balanced_accuracy": accuracy,
-                            "seconds": time.perf_counter() - start})
-            log.info("recovery epoch %d: loss %.4f, balanced accuracy %.4f", epoch, total / max(count, 1), accuracy)
-            if accuracy > best:
-                best, best_state, best_epoch, stale = accuracy, copy.deepcopy(student.state_dict()), epoch, 0
-            else:
-                stale += 1
-                if stale >= patience:
-                    break
-    finally:
-        student.load_state_dict(best_state)
-        student.eval()
-        for param, flag in flags:
-            param.requires_grad_(flag)
-    return {"history": history, "best_epoch": best_epoch, "best_balanced_accuracy": best,
-            "stopped_early": len(history) - 1 < epochs}
 
 
 def trunk_stages(model: EdgeClassifier, img_size: int) -> list[list[int]]:

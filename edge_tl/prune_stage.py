@@ -21,6 +21,8 @@ from edge_tl.backbones import build_model
 from edge_tl.errors import AccuracyRegressionError, ArtifactError, ConfigError
 from edge_tl.finetune import load_checkpoint, refit_head, run_records
 from edge_tl.metrics import classification_metrics
+from edge_tl.model_cost import count_macs, count_params, ort_latency_ms
+from edge_tl.recovery import recover
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +111,16 @@ def prune_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig()) -> PruneRes
         order = [train[i] for i in rng.permutation(len(train))]
         return _batches(order, run_info, cfg.batch_size, rng)
 
-    recovery = prune_mod.recover(pruned, parent if cfg.distill else None, train_loader, balanced_accuracy,
-                                 cfg.recover_epochs, cfg.lr, distill=cfg.distill)
+    recovery = recover(pruned, parent if cfg.distill else None, train_loader, balanced_accuracy,
+                       cfg.recover_epochs, cfg.lr, distill=cfg.distill)
 
     parent_metrics = classification_metrics(val_labels, _predict(parent, val_images), classes, run_info.get("ok_class"))
     metrics = classification_metrics(val_labels, _predict(pruned, val_images), classes, run_info.get("ok_class"))
-    parent_macs, macs = prune_mod.count_macs(parent, img_size), prune_mod.count_macs(pruned, img_size)
-    parent_latency = prune_mod.ort_latency_ms(parent, img_size, cfg.latency_runs)
-    latency = prune_mod.ort_latency_ms(pruned, img_size, cfg.latency_runs)
+    parent_macs, macs = count_macs(parent, img_size), count_macs(pruned, img_size)
+    parent_latency = ort_latency_ms(parent, img_size, cfg.latency_runs)
+    latency = ort_latency_ms(pruned, img_size, cfg.latency_runs)
     metrics.update({
-        "params": prune_mod.count_params(pruned), "parent_params": prune_mod.count_params(parent),
+        "params": count_params(pruned), "parent_params": count_params(parent),
         "macs": macs, "parent_macs": parent_macs, "macs_ratio": parent_macs / macs,
         "ort_latency_ms": latency, "parent_ort_latency_ms": parent_latency,
         "ort_latency_ratio": parent_latency / latency,

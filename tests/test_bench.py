@@ -22,7 +22,7 @@ from edge_tl.bench import (LATENCY_KEYS, BenchConfig, BenchResult, BenchRow, ben
 from edge_tl.errors import ArtifactError, BackendUnavailableError, ConfigError
 from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint
 from edge_tl.machine import machine_record, peak_rss_growth, time_inference
-from edge_tl.prune import count_macs, count_params
+from edge_tl.model_cost import count_macs, count_params
 from edge_tl.runners.base import Runner, TensorSpec
 from edge_tl.verify import verify
 from export.stage import ExportConfig, export_artifact

@@ -15,19 +15,16 @@ from edge_tl.artifacts import load_weights, save_weights
 from edge_tl.backbones import build_model, get_backbone
 from edge_tl.errors import ArtifactError, ConfigError
 from edge_tl.metrics import balanced_accuracy, confusion_matrix
+from edge_tl.model_cost import compare_ort_latency_ms, count_macs, count_params, ort_latency_ms
 from edge_tl.prune import (
     aligned_keep,
     apply_shape_spec,
-    count_macs,
-    compare_ort_latency_ms,
-    count_params,
     find_prune_groups,
-    ort_latency_ms,
     prune_model,
     reconstruct_pointwise,
-    recover,
     sweep,
 )
+from edge_tl.recovery import recover
 
 IMG = 64
 

@@ -8,7 +8,7 @@ import torch
 
 from edge_tl.cli import main
 from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint
-from edge_tl.prune import count_macs
+from edge_tl.model_cost import count_macs
 from edge_tl.prune_stage import PruneConfig, load_pruned, load_stage_model, prune_run
 
 IMG = 64
