@@ -31,6 +31,7 @@ from edge_tl.artifacts import (
     staged_run_dir,
 )
 from edge_tl.backbones import BackboneSpec, build_model, get_backbone
+from edge_tl.head import DEFAULT_HEAD_L2, Standardize, fold_standardization, lbfgs_epoch
 from edge_tl.errors import ArtifactError, ConfigError, DatasetError
 from edge_tl.metrics import classification_metrics, resolve_ok_class
 from edge_tl.progress import progress_bar
@@ -54,7 +55,7 @@ class FinetuneConfig:
     unfreeze_lr_ratio: float = 0.1
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
-    head_l2: float = 1e-2
+    head_l2: float = DEFAULT_HEAD_L2
     lbfgs_iterations: int = 10
     augmented_views: int = 4
     patience: int = 10
@@ -188,28 +189,6 @@ def _balanced_accuracy_of(logits: np.ndarray, labels: np.ndarray, classes) -> fl
     return classification_metrics(labels, logits.argmax(1), classes)["balanced_accuracy"]
 
 
-class _Standardize(nn.Module):
-    """Fixed per-feature standardisation in front of the head; folded into the head after training."""
-
-    def __init__(self, features: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mean", features.mean(0))
-        std = features.std(0)
-        # Near-constant features would get huge folded weights (and fp32/fp16 round-off): floor them.
-        self.register_buffer("std", std.clamp_min(0.1 * float(std.mean()) + 1e-6))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-@torch.no_grad()
-def fold_standardization(head: nn.Linear, standardize: _Standardize) -> None:
-    """head(standardize(x)) == head'(x): the deployed head stays one plain nn.Linear."""
-    weight = head.weight / standardize.std
-    head.bias.sub_((weight * standardize.mean).sum(1))
-    head.weight.copy_(weight)
-
-
 def _pooled(tail: _TrainableTail, cached: torch.Tensor) -> torch.Tensor:
     if not tail.unfreeze:
         return cached
@@ -222,68 +201,6 @@ def _plain_trunk_features(model: nn.Module, records, img_size: int, spec: Backbo
         model.trunk(torch.from_numpy(data_mod.load_tensor_batch(chunk, img_size, spec.mean, spec.std))).numpy()
         for chunk in _batched(list(records), 32)
     ]))
-
-
-def _lbfgs_epoch(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                 cfg: FinetuneConfig, optimizer: torch.optim.LBFGS) -> float:
-    """One epoch of full-batch L-BFGS on the standardised cached features (class-weighted, L2)."""
-
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(head(features), targets, weight=weights,
-                                           label_smoothing=cfg.label_smoothing)
-        loss = loss + cfg.head_l2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    return optimizer.step(closure).item()
-
-
-def fit_linear_head(features: torch.Tensor, labels: np.ndarray, num_classes: int, l2: float,
-                    iterations: int = 200, seed: int = 0) -> nn.Linear:
-    """The deployed head for fixed ``features``: a class-weighted, L2-regularised logistic regression
-    on standardised features, fitted by full-batch L-BFGS, folded into one plain nn.Linear."""
-    torch.manual_seed(seed)
-    features = features.float()
-    standardize = _Standardize(features)
-    head = nn.Linear(features.shape[1], num_classes)
-    weights = torch.as_tensor(data_mod.class_weights(labels, num_classes), dtype=torch.float32)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=iterations, history_size=20,
-                                  line_search_fn="strong_wolfe")
-    _lbfgs_epoch(head, standardize(features), torch.as_tensor(labels, dtype=torch.long), weights,
-                 FinetuneConfig(head_l2=l2), optimizer)
-    fold_standardization(head, standardize)
-    return head
-
-
-def refit_head(model: nn.Module, run_info: dict, evaluate: Callable[[nn.Module], dict], metrics: dict
-               ) -> tuple[dict, dict]:
-    """Refit ``model.head`` on what ``model.trunk`` now outputs for the training split (plain view).
-
-    After a change to the trunk (INT8 fake quantization, pruning) the head of a frozen-trunk run,
-    a standardised logistic regression leaning on low-spread features, reads shifted features; the
-    same fit (run's L2, training split only) on the new features matches them again. The refit is
-    kept only when ``evaluate(model)["balanced_accuracy"]`` does not fall below ``metrics``' (the
-    model's before it), like early stopping. Returns (metrics of the kept model, a summary).
-    """
-    train = run_records(run_info, "train")
-    size, mean, std = run_info["img_size"], run_info["mean"], run_info["std"]
-    with torch.inference_mode():
-        features = torch.cat([model.trunk(torch.from_numpy(data_mod.load_tensor_batch(chunk, size, mean, std)))
-                              for chunk in _batched(train, 32)])
-    l2 = float(run_info.get("config", {}).get("head_l2", FinetuneConfig.head_l2))
-    head = fit_linear_head(features, np.array([r.label for r in train]), len(run_info["classes"]), l2)
-    previous = copy.deepcopy(model.head.state_dict())
-    model.head.load_state_dict(head.state_dict())
-    refit = evaluate(model)
-    kept = refit["balanced_accuracy"] >= metrics["balanced_accuracy"]
-    if not kept:
-        model.head.load_state_dict(previous)
-    log.info("head refit: balanced accuracy %.4f -> %.4f (%s)", metrics["balanced_accuracy"],
-             refit["balanced_accuracy"], "kept" if kept else "discarded")
-    summary = {"kept": kept, "balanced_accuracy_before": metrics["balanced_accuracy"],
-               "balanced_accuracy_after": refit["balanced_accuracy"], "train_images": len(train)}
-    return (refit if kept else metrics), summary
 
 
 def train_head(model: nn.Module, train_records, val_records, classes, spec: BackboneSpec, img_size: int,
@@ -324,7 +241,7 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
             pooled = torch.stack([_pooled(tail, view) for view in train_cache])
     else:
         pooled = None
-    standardize = _Standardize(pooled[0] if pooled is not None
+    standardize = Standardize(pooled[0] if pooled is not None
                                else _plain_trunk_features(model, train_records, img_size, spec))
     head_net = nn.Sequential(standardize, model.head)
     probe_targets = targets.repeat(views)
@@ -336,7 +253,8 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
 
     if cfg.unfreeze and cfg.cache_features:  # linear probe first, then fine-tune the unfrozen blocks
         for _ in range(cfg.epochs):
-            _lbfgs_epoch(model.head, probe_inputs(pooled), probe_targets, class_weight, cfg, lbfgs)
+            lbfgs_epoch(model.head, probe_inputs(pooled), probe_targets, class_weight, cfg.head_l2,
+                        cfg.label_smoothing, lbfgs)
     if not full_batch:
         groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
         if trunk_params:
@@ -360,7 +278,8 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
             if full_batch:
                 if not cfg.cache_features:  # without the cache, the trunk runs again every epoch
                     pooled = train_features(epoch)
-                losses = [_lbfgs_epoch(model.head, probe_inputs(pooled), probe_targets, class_weight, cfg, lbfgs)]
+                losses = [lbfgs_epoch(model.head, probe_inputs(pooled), probe_targets, class_weight, cfg.head_l2,
+                                      cfg.label_smoothing, lbfgs)]
             else:
                 losses = []
                 for idx in _batched(rng.permutation(len(train_records)), cfg.batch_size):

@@ -19,7 +19,8 @@ from edge_tl import data as data_mod
 from edge_tl.artifacts import atomic_write_json, load_weights, read_json, save_weights
 from edge_tl.backbones import build_model
 from edge_tl.errors import AccuracyRegressionError, ArtifactError, ConfigError
-from edge_tl.finetune import load_checkpoint, refit_head, run_records
+from edge_tl.finetune import load_checkpoint, run_records
+from edge_tl.head import refit_head
 from edge_tl.metrics import classification_metrics
 from edge_tl.model_cost import count_macs, count_params, ort_latency_ms
 from edge_tl.recovery import recover

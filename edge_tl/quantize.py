@@ -42,7 +42,8 @@ from edge_tl import data as data_mod
 from edge_tl import nni_compat
 from edge_tl.artifacts import atomic_write_json, load_weights, read_json, save_weights, sha256_file
 from edge_tl.errors import ArtifactError, ConfigError
-from edge_tl.finetune import load_checkpoint, refit_head, run_records
+from edge_tl.finetune import load_checkpoint, run_records
+from edge_tl.head import refit_head
 from edge_tl.fold import fold_batchnorm
 from edge_tl.metrics import classification_metrics
 

@@ -89,7 +89,7 @@ def test_cached_and_uncached_training_reach_the_same_accuracy(finetuned_run, tex
 
 
 def test_fit_linear_head_is_invariant_to_feature_scale_and_separates():
-    from edge_tl.finetune import fit_linear_head
+    from edge_tl.head import fit_linear_head
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(300, 12, generator=generator)

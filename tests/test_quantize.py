@@ -232,7 +232,7 @@ def test_metrics_describe_the_fake_quantized_model(ptq, folded_float):
 def test_head_refit_fits_the_quantized_trunk_features(run_dir, ptq, folded_float, tmp_path):
     """The refit head is the standardised logistic regression on the fake-quantized trunk's training
     features; it is kept only when validation balanced accuracy does not fall, and then exported."""
-    from edge_tl.finetune import fit_linear_head
+    from edge_tl.head import fit_linear_head
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
