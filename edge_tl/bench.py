@@ -217,19 +217,22 @@ def _check_run_dir(run_dir: Path) -> None:
                                 f"`edge-tl finetune DATA_DIR --out {run_dir}`")
 
 
-def _stage_facts(run_dir: Path, stage: str, run_info: dict) -> dict[str, Any]:
+def _optional_json(path: Path) -> dict:
+    return read_json(path) if path.is_file() else {}
+
+
+def _stage_facts(run_dir: Path, stage: str, run_info: dict, pruned: dict) -> dict[str, Any]:
     """Params, MACs and validation metrics of a stage's PyTorch model: its metrics.json when that covers
-    the validation split (else computed as fine-tuning evaluates), MACs from pruned/metrics.json or counted."""
+    the validation split (else computed as fine-tuning evaluates), MACs from ``pruned`` (pruned/metrics.json,
+    empty when absent) or counted."""
     from edge_tl.finetune import predict_logits, run_records
     from edge_tl.metrics import classification_metrics
     from edge_tl.prune_stage import PRUNED_DIR, load_stage_model
 
-    pruned_path = run_dir / PRUNED_DIR / "metrics.json"
-    pruned = read_json(pruned_path) if pruned_path.is_file() else {}
     prefix = "" if stage == "pruned" else "parent_"
     params, macs = pruned.get(f"{prefix}params"), pruned.get(f"{prefix}macs")
     metrics_path = (run_dir if stage == "float" else run_dir / PRUNED_DIR) / "metrics.json"
-    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    metrics = pruned if stage == "pruned" else _optional_json(metrics_path)
     source, model = str(metrics_path.relative_to(run_dir)), None
     if metrics.get("num_samples") != len(run_info["split"]["val_files"]) or "balanced_accuracy" not in metrics:
         model, records = load_stage_model(run_dir, stage)[0], run_records(run_info, "val")
@@ -261,15 +264,33 @@ def _verdict(run_dir: Path, artifact: Path) -> dict | None:
     return result
 
 
+def _artifact_facts(run_dir: Path, artifact: Path, verdict: dict | None, stage_facts: Mapping[str, Any]
+                    ) -> dict[str, Any]:
+    """The artifact's row facts: params and MACs of its stage, accuracy from ``verdict`` when that covers the
+    validation split, else computed with verify's own loading, preprocessing and batching."""
+    from edge_tl.verify import artifact_predictions
+
+    metrics, source = verdict or {}, f"verify/{artifact.name}.json"
+    if verdict is None or verdict.get("data") != "validation split":
+        try:
+            metrics, source = artifact_predictions(run_dir, artifact).metrics(), "computed on the validation split"
+        except DatasetError as err:  # a run copied to a device without its images: time it anyway
+            logger.warning("no accuracy for %s: %s", artifact.name, err)
+            metrics, source = {}, None
+    return {"params": stage_facts.get("params"), "macs": stage_facts.get("macs"), "accuracy": metrics.get("accuracy"),
+            "balanced_accuracy": metrics.get("balanced_accuracy"), "escape_rate": metrics.get("escape_rate"),
+            "accuracy_source": source}
+
+
 def _run_targets(run_dir: Path, run_info: dict, cfg: BenchConfig, backends: list[str], skipped: list[dict]
                  ) -> tuple[list[_Target], dict[str, dict], dict[str, dict]]:
     """(targets, verify results by artifact name, facts by stage) for every artifact of a run."""
     from edge_tl.prune_stage import PRUNED_DIR, load_stage_model
     from edge_tl.runners.torch_runner import TorchRunner
-    from edge_tl.verify import artifact_predictions
 
     stages = ["float", *(["pruned"] if (run_dir / PRUNED_DIR).is_dir() else [])]
-    facts = {stage: _stage_facts(run_dir, stage, run_info) for stage in stages}
+    pruned = _optional_json(run_dir / PRUNED_DIR / "metrics.json")
+    facts = {stage: _stage_facts(run_dir, stage, run_info, pruned) for stage in stages}
     targets, verdicts = [], {}
     for stage in stages if "torch" in backends else []:
         weights = (run_dir if stage == "float" else run_dir / PRUNED_DIR) / "model.safetensors"
@@ -286,18 +307,8 @@ def _run_targets(run_dir: Path, run_info: dict, cfg: BenchConfig, backends: list
             target, verdict = _artifact_target(path, backend, cfg), _verdict(run_dir, path)
             if verdict is not None:
                 verdicts[path.name] = verdict
-            metrics, source = verdict or {}, f"verify/{path.name}.json"
-            if verdict is None or verdict.get("data") != "validation split":
-                try:  # verify's own loading, preprocessing and batching
-                    metrics, source = artifact_predictions(run_dir, path).metrics(), "computed on the validation split"
-                except DatasetError as err:  # a run copied to a device without its images: time it anyway
-                    logger.warning("no accuracy for %s: %s", path.name, err)
-                    metrics, source = {}, None
-            stage = facts.get(target.stage, {})
-            targets.append(dataclasses.replace(target, facts={
-                "params": stage.get("params"), "macs": stage.get("macs"), "accuracy": metrics.get("accuracy"),
-                "balanced_accuracy": metrics.get("balanced_accuracy"), "escape_rate": metrics.get("escape_rate"),
-                "accuracy_source": source}))
+            targets.append(dataclasses.replace(
+                target, facts=_artifact_facts(run_dir, path, verdict, facts.get(target.stage, {}))))
     return targets, verdicts, facts
 
 

@@ -211,6 +211,11 @@ def median_latency_ms(row: dict) -> float | None:
 _IMPLIED_BACKEND = {".onnx": "onnxruntime", ".engine": "tensorrt"}
 
 
+def _artifact_name(record: dict) -> str:
+    """The file name of a bench row's or verify record's ``artifact``."""
+    return Path(str(record.get("artifact"))).name
+
+
 def point_label(row: dict) -> str:
     """The artifact's file name, with its backend when the name does not already imply it."""
     name, backend = Path(str(row.get("artifact", "?"))).name, row.get("backend", "?")
@@ -220,13 +225,13 @@ def point_label(row: dict) -> str:
 
 def latency_points(bench_rows: Sequence[dict], verifications: Sequence[dict]) -> list[LatencyPoint]:
     """Batch-1 bench rows with a latency and a balanced accuracy; ``passed`` from the artifact's verify record."""
-    passed = {Path(str(record.get("artifact"))).name: record.get("passed") for record in verifications}
+    passed = {_artifact_name(record): record.get("passed") for record in verifications}
     points = []
     for row in bench_rows:
         latency, accuracy = median_latency_ms(row), row.get("balanced_accuracy")
         if row.get("batch_size") == 1 and latency and isinstance(accuracy, (int, float)) and math.isfinite(accuracy):
             points.append(LatencyPoint(point_label(row), latency, float(accuracy),
-                                       passed.get(Path(str(row.get("artifact"))).name)))
+                                       passed.get(_artifact_name(row))))
     return points
 
 
@@ -245,7 +250,7 @@ def recall_series(classes: Sequence[str], float_metrics: dict | None,
     for record in verifications:
         matrix = record.get("confusion_matrix")
         if isinstance(matrix, list) and len(matrix) == len(classes):
-            series.append((Path(str(record.get("artifact"))).name, recall_from_confusion(matrix)))
+            series.append((_artifact_name(record), recall_from_confusion(matrix)))
     return series
 
 
@@ -271,7 +276,7 @@ def write_run_plots(plots_dir: str | os.PathLike, classes: Sequence[str], float_
         written["pareto"] = (path, "Balanced accuracy against batch-1 median latency; the Pareto front is ringed "
                                    "and joined, hollow markers failed verification.")
     for stage, record in _int8_record_per_stage(verifications).items():
-        name = Path(str(record.get("artifact"))).name
+        name = _artifact_name(record)
         safe_stage = re.sub(f"[^{_STAGE_NAME_CHARS}]", "_", stage)
         path = plot_confusion_pair(record["float_confusion_matrix"], record["confusion_matrix"],
                                    record.get("classes") or classes, plots_dir / f"confusion_{safe_stage}_int8.png",
