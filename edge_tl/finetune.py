@@ -31,7 +31,7 @@ from edge_tl.artifacts import (
     staged_run_dir,
 )
 from edge_tl.backbones import BackboneSpec, build_model, get_backbone
-from edge_tl.head import DEFAULT_HEAD_L2, Standardize, fold_standardization, lbfgs_epoch
+from edge_tl.head import DEFAULT_HEAD_L2, Standardize, fold_standardization, lbfgs_epoch, trunk_features
 from edge_tl.errors import ArtifactError, ConfigError, DatasetError
 from edge_tl.metrics import classification_metrics, resolve_ok_class
 from edge_tl.progress import progress_bar
@@ -195,14 +195,6 @@ def _pooled(tail: _TrainableTail, cached: torch.Tensor) -> torch.Tensor:
     return torch.cat([tail.pool(tail.blocks(chunk.float())) for chunk in torch.split(cached, 128)])
 
 
-@torch.no_grad()
-def _plain_trunk_features(model: nn.Module, records, img_size: int, spec: BackboneSpec) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([
-        model.trunk(torch.from_numpy(data_mod.load_tensor_batch(chunk, img_size, spec.mean, spec.std))).numpy()
-        for chunk in _batched(list(records), 32)
-    ]))
-
-
 def train_head(model: nn.Module, train_records, val_records, classes, spec: BackboneSpec, img_size: int,
                cfg: FinetuneConfig) -> tuple[list[dict], float]:
     """Train the head (and the last ``cfg.unfreeze`` blocks); restore the best epoch in place.
@@ -242,7 +234,7 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
     else:
         pooled = None
     standardize = Standardize(pooled[0] if pooled is not None
-                               else _plain_trunk_features(model, train_records, img_size, spec))
+                               else trunk_features(model, train_records, img_size, spec.mean, spec.std))
     head_net = nn.Sequential(standardize, model.head)
     probe_targets = targets.repeat(views)
     lbfgs = torch.optim.LBFGS(model.head.parameters(), lr=1.0, max_iter=cfg.lbfgs_iterations,
@@ -267,7 +259,7 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
         with torch.inference_mode():
             if cfg.cache_features:
                 return torch.cat([head_net(_pooled(tail, chunk)) for chunk in torch.split(val_cache, 256)]).numpy()
-            features = _plain_trunk_features(model, val_records, img_size, spec)
+            features = trunk_features(model, val_records, img_size, spec.mean, spec.std)
             return head_net(features).numpy()
 
     history, best_state, best_key, stale, epoch_seconds = [], None, None, 0, []

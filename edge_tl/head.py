@@ -57,6 +57,16 @@ def lbfgs_epoch(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor, 
     return optimizer.step(closure).item()
 
 
+@torch.no_grad()
+def trunk_features(model: nn.Module, records, img_size: int, mean, std, batch_size: int = 32) -> torch.Tensor:
+    """``model.trunk`` on the plain view (the inference transform) of ``records``, in batches."""
+    records = list(records)
+    return torch.cat([
+        model.trunk(torch.from_numpy(data_mod.load_tensor_batch(records[i:i + batch_size], img_size, mean, std)))
+        for i in range(0, len(records), batch_size)
+    ])
+
+
 def fit_linear_head(features: torch.Tensor, labels: np.ndarray, num_classes: int, l2: float,
                     iterations: int = 200, seed: int = 0) -> nn.Linear:
     """The deployed head for fixed ``features``: a class-weighted, L2-regularised logistic regression
@@ -86,10 +96,7 @@ def refit_head(model: nn.Module, run_info: dict, evaluate: Callable[[nn.Module],
     from edge_tl.finetune import run_records
 
     train = run_records(run_info, "train")
-    size, mean, std = run_info["img_size"], run_info["mean"], run_info["std"]
-    with torch.inference_mode():
-        features = torch.cat([model.trunk(torch.from_numpy(data_mod.load_tensor_batch(chunk, size, mean, std)))
-                              for chunk in (train[i:i + 32] for i in range(0, len(train), 32))])
+    features = trunk_features(model, train, run_info["img_size"], run_info["mean"], run_info["std"])
     l2 = float(run_info.get("config", {}).get("head_l2", DEFAULT_HEAD_L2))
     head = fit_linear_head(features, np.array([r.label for r in train]), len(run_info["classes"]), l2)
     previous = copy.deepcopy(model.head.state_dict())

@@ -72,17 +72,13 @@ def _settings_hash(*settings: Any) -> str:
     return sha256_text([json.dumps(plain(value), sort_keys=True, default=str) for value in settings])
 
 
-def _files_hash(paths: list[Path]) -> str:
-    return sha256_text([f"{path.name} {sha256_file(path)}" for path in paths])
-
-
 class _State:
     """RUN_DIR/pipeline.json: the fingerprint and outputs of every finished step."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, resume: bool) -> None:
         self.run_dir = run_dir
         self.path = run_dir / STATE_FILE
-        state = read_json(self.path) if self.path.is_file() else {}
+        state = read_json(self.path) if resume and self.path.is_file() else {}
         self.steps: dict[str, dict] = state.get("steps", {}) if state.get("version") == STATE_VERSION else {}
 
     def is_current(self, name: str, fingerprint: str) -> bool:
@@ -97,11 +93,12 @@ class _State:
 
 
 def _clean_partials(run_dir: Path) -> None:
-    """Remove the hidden staging folders a killed stage may leave (never a finished output)."""
-    for folder in (run_dir, run_dir / "export", run_dir / "quantized"):
-        if folder.is_dir():
-            for partial in folder.glob(".*.partial"):
-                shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+    """Remove what a killed stage may leave: hidden staging folders (``.*.partial``, the fine-tuning
+    one beside the run) and atomic-write temporaries (``.*.tmp``); never a finished output."""
+    leftovers = [*run_dir.rglob(".*.partial"), *run_dir.rglob(".*.tmp"),
+                 *run_dir.parent.glob(f".{run_dir.name}.*.partial")]
+    for partial in leftovers:
+        shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
 
 
 def _engines_available() -> bool:
@@ -118,12 +115,25 @@ def _engines_available() -> bool:
 class _Runner:
     """Runs steps in order, skipping the unchanged ones, and collects their records."""
 
-    def __init__(self, run_dir: Path, result: PipelineResult, state: _State | None) -> None:
-        self.run_dir, self.result, self.state = run_dir, result, state
+    def __init__(self, result: PipelineResult, state: _State) -> None:
+        self.result, self.state = result, state
+        self._digests: dict[tuple[Path, int, int], str] = {}
+
+    def files_hash(self, paths: list[Path]) -> str:
+        """sha256 over names and contents; each file is read once per run (and again only if its
+        size or modification time changed), not once for every step that reads it."""
+        lines = []
+        for path in paths:
+            stat = path.stat()
+            key = (path.resolve(), stat.st_size, stat.st_mtime_ns)
+            if key not in self._digests:
+                self._digests[key] = sha256_file(path)
+            lines.append(f"{path.name} {self._digests[key]}")
+        return sha256_text(lines)
 
     def step(self, name: str, fingerprint: str, work: Callable[[], list[Path]]) -> None:
         started = time.perf_counter()
-        if self.state is not None and self.state.is_current(name, fingerprint):
+        if self.state.is_current(name, fingerprint):
             outputs = self.state.steps[name]["outputs"]
             self.result.steps.append(StepRecord(name, "skipped", 0.0, outputs))
             logger.info("%s: unchanged, skipped", name)
@@ -131,7 +141,6 @@ class _Runner:
         logger.info("%s: running", name)
         outputs = work()
         seconds = time.perf_counter() - started
-        self.state = self.state or _State(self.run_dir)
         self.state.finish(name, fingerprint, outputs, seconds)
         self.result.steps.append(StepRecord(name, "done", seconds, self.state.steps[name]["outputs"]))
 
@@ -153,11 +162,11 @@ def run_pipeline(data_dir: str | os.PathLike, run_dir: str | os.PathLike, recipe
     result = PipelineResult(run_dir)
     if resumable:
         _clean_partials(run_dir)
-    runner = _Runner(run_dir, result, _State(run_dir) if resumable else None)
+    runner = _Runner(result, _State(run_dir, resume=resumable))
 
     def do_finetune() -> list[Path]:
         finetune(data_dir, run_dir, finetune_cfg, force=True)  # replaces the run: every later step is redone
-        runner.state = None
+        runner.state.steps.clear()
         return [run_dir / "model.safetensors", run_dir / "run.json", run_dir / "metrics.json"]
 
     runner.step("finetune", _settings_hash(finetune_cfg, dataset_fingerprint(data_dir)), do_finetune)
@@ -184,7 +193,7 @@ def _compress(runner: _Runner, run_dir: Path, recipe: Recipe) -> None:
 
     if recipe.extra("prune", "enabled"):
         prune_cfg = recipe.config("prune")
-        runner.step("prune", _settings_hash(prune_cfg, _files_hash(_stage_model_files(run_dir, "float"))),
+        runner.step("prune", _settings_hash(prune_cfg, runner.files_hash(_stage_model_files(run_dir, "float"))),
                     lambda: [prune_run(run_dir, prune_cfg).pruned_dir])
     for stage in recipe.extra("quantize", "stages"):
         cfg = replace(recipe.config("quantize"), stage=stage)
@@ -193,7 +202,7 @@ def _compress(runner: _Runner, run_dir: Path, recipe: Recipe) -> None:
             quantize(run_dir, cfg)
             return [quantized_dir(run_dir, cfg.stage)]
 
-        runner.step(f"quantize/{stage}", _settings_hash(cfg, _files_hash(_stage_model_files(run_dir, stage))),
+        runner.step(f"quantize/{stage}", _settings_hash(cfg, runner.files_hash(_stage_model_files(run_dir, stage))),
                     do_quantize)
 
 
@@ -220,7 +229,8 @@ def _export_plan(run_dir: Path, recipe: Recipe) -> list:
     return plan
 
 
-def _export(runner: _Runner, run_dir: Path, recipe: Recipe) -> list[Path]:
+def _export(runner: _Runner, run_dir: Path, recipe: Recipe) -> list[tuple[Path, str]]:
+    """Export every planned artifact; returns (artifact path, stage) pairs."""
     from export.stage import artifact_name, calibration_path, export_artifact, export_dir, onnx_manifest_path
     from export.tensorrt_build import manifest_path as engine_manifest_path
 
@@ -240,35 +250,34 @@ def _export(runner: _Runner, run_dir: Path, recipe: Recipe) -> list[Path]:
             manifest_file = onnx_manifest_path(artifact) if cfg.format == "onnx" else engine_manifest_path(artifact)
             return [artifact, manifest_file]
 
-        runner.step(f"export/{name}", _settings_hash(cfg, _files_hash(inputs)), do_export)
-        artifacts.append(path)
+        runner.step(f"export/{name}", _settings_hash(cfg, runner.files_hash(inputs)), do_export)
+        artifacts.append((path, cfg.stage))
     return artifacts
 
 
-def _verify(runner: _Runner, run_dir: Path, recipe: Recipe, artifacts: list[Path]) -> None:
+def _verify(runner: _Runner, run_dir: Path, recipe: Recipe, artifacts: list[tuple[Path, str]]) -> None:
     from edge_tl.verify import verify, verify_path
 
     cfg = recipe.config("verify")
-    for artifact in artifacts:
-        stage = "pruned" if ".pruned." in artifact.name else "float"
-
+    for artifact, stage in artifacts:
         def do_verify(artifact=artifact) -> list[Path]:
             verify(run_dir, artifact, max_drop=cfg.max_drop, max_escape_rise=cfg.max_escape_rise,
                    batch_size=cfg.batch_size)
             return [verify_path(run_dir, artifact)]
 
         runner.step(f"verify/{artifact.name}",
-                    _settings_hash(cfg, _files_hash([artifact] + _stage_model_files(run_dir, stage))), do_verify)
+                    _settings_hash(cfg, runner.files_hash([artifact] + _stage_model_files(run_dir, stage))), do_verify)
         runner.result.verification.append(read_json(verify_path(run_dir, artifact)))
 
 
-def _bench_and_report(runner: _Runner, run_dir: Path, recipe: Recipe, artifacts: list[Path]) -> None:
+def _bench_and_report(runner: _Runner, run_dir: Path, recipe: Recipe, artifacts: list[tuple[Path, str]]) -> None:
     from edge_tl.bench import benchmark
     from edge_tl.report import write_report
     from edge_tl.verify import verify_path
 
     bench_cfg = recipe.config("bench")
-    inputs = _files_hash(artifacts + [verify_path(run_dir, a) for a in artifacts] + _stage_model_files(run_dir, "float"))
+    paths = [artifact for artifact, _ in artifacts]
+    inputs = runner.files_hash(paths + [verify_path(run_dir, a) for a in paths] + _stage_model_files(run_dir, "float"))
 
     def do_bench() -> list[Path]:
         benchmark(run_dir, bench_cfg)
@@ -282,4 +291,4 @@ def _bench_and_report(runner: _Runner, run_dir: Path, recipe: Recipe, artifacts:
         write_report(run_dir)
         return [run_dir / "report.md", run_dir / "report.html"]
 
-    runner.step("report", _files_hash(report_inputs), do_report)
+    runner.step("report", runner.files_hash(report_inputs), do_report)

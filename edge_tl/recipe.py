@@ -121,7 +121,7 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
         item_kind = typing.get_args(kind)[0]
         items = value if isinstance(value, (list, tuple)) else None
         if items is None:
-            raise ConfigError(f"recipe key {where} must be a list, got {value!r}; e.g. [{', '.join(['...'])}]")
+            raise ConfigError(f"recipe key {where} must be a list, got {value!r}; write it as [a, b]")
         return tuple(_coerce(f"{where}[{i}]", item, item_kind) for i, item in enumerate(items))
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
