@@ -1,9 +1,9 @@
 """Issue 6 headline: `edge-tl run` on magnetic-tile against what users would otherwise do.
 
-python benchmarks/run_magnetic_tile.py --out RUN [--recipe FILE] [--skip-run]
+python benchmarks/run_magnetic_tile.py --out RUN [--recipe FILE]
 
 1. `edge-tl run ../shared/datasets/magnetic-tile --out RUN --ok-class free` (the default recipe,
-   or FILE), timed end to end.
+   or FILE), timed end to end; an existing RUN is resumed like any `edge-tl run` directory.
 2. Baselines: PyTorch eager FP32 and the plain ONNX Runtime FP32 export of the fine-tuned model
    (both rows of RUN/bench.json), and ONNX Runtime's own ``quantize_static`` with its defaults on
    that FP32 export, calibrated on the same class-balanced training images edge-tl uses; its
@@ -15,15 +15,14 @@ python benchmarks/run_magnetic_tile.py --out RUN [--recipe FILE] [--skip-run]
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from _common import dataset_dir, report
 
-from edge_tl.artifacts import read_json
-from edge_tl.bench import BenchConfig, benchmark_artifact
+from edge_tl.artifacts import atomic_write_json, read_json
+from edge_tl.bench import benchmark_artifact
 from edge_tl.pipeline import run_pipeline
 from edge_tl.recipe import load_recipe, with_ok_class
 from edge_tl.verify import artifact_predictions
@@ -66,7 +65,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--recipe", type=Path, default=None)
-    parser.add_argument("--skip-run", action="store_true", help="reuse an existing RUN (resume it)")
     parser.add_argument("--calib-images", type=int, default=256)
     args = parser.parse_args()
     data = dataset_dir("magnetic-tile")
@@ -84,34 +82,33 @@ def main() -> None:
     timing = benchmark_artifact(baseline, bench_cfg).rows[0]
     bench = read_json(args.out / "bench.json")
     float_metrics = read_json(args.out / "metrics.json")
-    rows = {
-        "pytorch eager fp32": _row(bench, "model.float (pytorch)", "torch"),
-        "onnxruntime fp32 export": _row(bench, "model.float.fp32.onnx", "onnxruntime"),
-        "onnxruntime quantize_static (defaults)": {
-            "artifact": baseline.name, "latency_ms": timing.latency_ms, "balanced_accuracy": predictions["balanced_accuracy"],
-            "escape_rate": predictions.get("escape_rate")},
+    static_row = {"latency_ms": timing.latency_ms, "balanced_accuracy": predictions["balanced_accuracy"],
+                  "escape_rate": predictions.get("escape_rate")}
+    baselines = {  # label in the table -> (key of its speed-up, bench row)
+        "pytorch eager fp32": ("pytorch_eager_fp32", _row(bench, "model.float (pytorch)", "torch")),
+        "onnxruntime fp32 export": ("onnxruntime_fp32_export", _row(bench, "model.float.fp32.onnx", "onnxruntime")),
+        "onnxruntime quantize_static (defaults)": ("onnxruntime_quantize_static", static_row),
     }
+
+    def summary(row: dict) -> dict:
+        return {"latency_ms_p50": row["latency_ms"]["p50"], "balanced_accuracy": row.get("balanced_accuracy"),
+                "escape_rate": row.get("escape_rate")}
+
+    table = {label: summary(row) for label, (_, row) in baselines.items() if row is not None}
     recommended = bench.get("recommended") or {}
-    if recommended.get("artifact"):
-        rows[f"edge-tl recommended ({recommended['artifact']})"] = _row(bench, recommended["artifact"],
-                                                                         recommended.get("backend", "onnxruntime"))
-    table = {}
-    for label, row in rows.items():
-        if row is None:
-            continue
-        table[label] = {"latency_ms_p50": row["latency_ms"]["p50"], "balanced_accuracy": row.get("balanced_accuracy"),
-                        "escape_rate": row.get("escape_rate")}
-    best = table.get(next((k for k in table if k.startswith("edge-tl")), ""), None)
-    if best:
-        for label in ("pytorch eager fp32", "onnxruntime fp32 export", "onnxruntime quantize_static (defaults)"):
-            if label in table:
-                best[f"speedup_vs_{label.split(' (')[0].replace(' ', '_')}"] = (
-                    table[label]["latency_ms_p50"] / best["latency_ms_p50"])
-        best["balanced_accuracy_delta_vs_float"] = 100.0 * (best["balanced_accuracy"] - float_metrics["balanced_accuracy"])
+    best_row = (_row(bench, recommended["artifact"], recommended.get("backend", "onnxruntime"))
+                if recommended.get("artifact") else None)
+    if best_row is not None:
+        best = table[f"edge-tl recommended ({recommended['artifact']})"] = summary(best_row)
+        for label, (key, row) in baselines.items():
+            if row is not None:
+                best[f"speedup_vs_{key}"] = row["latency_ms"]["p50"] / best["latency_ms_p50"]
+        best["balanced_accuracy_delta_vs_float"] = 100.0 * (best["balanced_accuracy"]
+                                                             - float_metrics["balanced_accuracy"])
         best["escape_rate_float"] = float_metrics.get("escape_rate")
     out["headline"] = table
     out["recommended"] = recommended
-    (args.out / "headline.json").write_text(json.dumps(out, indent=2))
+    atomic_write_json(args.out / "headline.json", out)
     report("run_magnetic_tile", out, None)
 
 
