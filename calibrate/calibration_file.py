@@ -27,7 +27,8 @@ ONNX builder and the TensorRT cache writer. Specification (also in ``calibrate/F
   with zero point 0); ``min``/``max`` is the calibrated range the scale was computed from
   (``scale = (max - min) / 255`` after widening the range to include 0).
 - Weights: per output channel (``axis`` 0), symmetric ``int8``, every zero point 0,
-  ``scale[c] = max(|min[c]|, |max[c]|) / 127``; lists have one entry per output channel.
+  ``scale[c] = max(|min[c]|, |max[c]|) / 127`` (``>=`` after weight reconstruction, whose weights
+  lie exactly on their grids); lists have one entry per output channel.
 - Scales are positive, finite float32 values; a dequantized value is ``(q - zero_point) * scale``.
 - A Conv2d/Linear with no entry at all stays float in the export (no weight Q/DQ, no Q/DQ of its
   own on its input or output); one with activation entries but no ``:weight`` entry keeps float

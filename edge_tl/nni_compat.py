@@ -239,6 +239,18 @@ def set_quantization_params(space, scale, zero_point, tracked_min=None, tracked_
     space.scale, space.zero_point = shaped(scale), shaped(zero_point)
 
 
+def sync_weight_targets(quantizer, model: nn.Module) -> None:
+    """Copy ``model``'s current (unwrapped) weight parameters into the quantizer's weight target spaces.
+
+    NNI 3.0 keeps each quantized parameter in its target space; ``wrap()`` replaces the module's
+    parameter with a clone of that stored tensor, so weights changed while unwrapped (PTQ weight
+    reconstruction) would silently revert on the next ``wrap_model()`` without this.
+    """
+    for module_name, target_name, space in quantization_targets(quantizer):
+        if target_name == "weight":
+            space.target.data.copy_(model.get_submodule(module_name).weight.detach())
+
+
 @contextlib.contextmanager
 def quiet_qat_backward() -> Iterator[None]:
     """NNI 3.0's QATClampRound.backward reads ``ctx.saved_variables``, which torch deprecates with a

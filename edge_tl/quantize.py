@@ -44,6 +44,7 @@ from edge_tl.artifacts import atomic_write_json, load_weights, read_json, save_w
 from edge_tl.errors import ArtifactError, ConfigError
 from edge_tl.finetune import load_checkpoint, run_records
 from edge_tl.head import refit_head
+from edge_tl.reconstruct import reconstruct_weights
 from edge_tl.fold import fold_batchnorm
 from edge_tl.metrics import classification_metrics
 
@@ -66,7 +67,9 @@ QAT_PATIENCE_EPOCHS = 2
 class QuantizeConfig:
     """Settings of one quantize run. ``percentile`` applies to ``method='percentile'`` only;
     ``float_head`` keeps the layer producing the logits float (no calibration.json entry);
-    ``refit_head`` then refits it, after PTQ, on the quantized trunk's training-split features."""
+    ``reconstruct`` re-solves every quantized convolution, after calibration, against the float
+    model on ``reconstruct_images`` class-balanced training images (before QAT too);
+    ``refit_head`` refits the float head, after PTQ, on the quantized trunk's training-split features."""
 
     stage: str = "float"
     mode: str = "ptq"
@@ -78,7 +81,9 @@ class QuantizeConfig:
     seed: int = 0
     percentile: float = DEFAULT_PERCENTILE
     float_head: bool = True
-    refit_head: bool = True  # PTQ with a float head: refit it on the quantized trunk's training features
+    refit_head: bool = False  # PTQ with a float head: refit it on the quantized trunk's training features
+    reconstruct: bool = True  # re-solve each quantized conv against the float model (edge_tl/reconstruct.py)
+    reconstruct_images: int = 128
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,11 @@ def validate_config(cfg: QuantizeConfig) -> None:
         raise ConfigError(f"float_head {cfg.float_head!r} must be true or false (true keeps the classifier head float)")
     if not isinstance(cfg.refit_head, bool):
         raise ConfigError(f"refit_head {cfg.refit_head!r} must be true or false (true refits the float head after PTQ)")
-    for name, value in (("--calib-images", cfg.calib_images), ("batch size", cfg.batch_size)):
+    if not isinstance(cfg.reconstruct, bool):
+        raise ConfigError(f"reconstruct {cfg.reconstruct!r} must be true or false (true re-solves the quantized "
+                          "weights against the float model)")
+    for name, value in (("--calib-images", cfg.calib_images), ("batch size", cfg.batch_size),
+                        ("reconstruct images", cfg.reconstruct_images)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} {value!r} must be an integer >= 1, e.g. 256 calibration images")
     if cfg.mode == "qat":
@@ -215,6 +224,35 @@ def apply_calibration(quantizer, tensors: list[CalibrationTensor], with_ranges: 
         tensor = by_key[(module_name, target_name)]
         ranges = (tensor.min, tensor.max) if with_ranges else (None, None)
         nni_compat.set_quantization_params(space, tensor.scale, tensor.zero_point, *ranges)
+
+
+def _reconstruct(quantizer, folded: nn.Module, tensors: list[CalibrationTensor], source: ClassBalancedSource,
+                 evaluate, metrics: dict) -> tuple[dict, list[CalibrationTensor], dict]:
+    """Weight reconstruction (edge_tl/reconstruct.py) of the calibrated model, kept only when the
+    fake-quantized validation balanced accuracy does not fall; returns (metrics, tensors, summary)."""
+    import time
+
+    start = time.perf_counter()
+    quantizer.unwrap_model()
+    before = copy.deepcopy(folded.state_dict())
+    rebuilt = reconstruct_weights(folded, tensors, iter_batches(source))
+    nni_compat.sync_weight_targets(quantizer, folded)
+    quantizer.wrap_model()
+    apply_calibration(quantizer, rebuilt)
+    after = evaluate(folded)
+    kept = after["balanced_accuracy"] >= metrics["balanced_accuracy"]
+    if not kept:
+        quantizer.unwrap_model()
+        folded.load_state_dict(before)
+        nni_compat.sync_weight_targets(quantizer, folded)
+        quantizer.wrap_model()
+        apply_calibration(quantizer, tensors)
+    log.info("weight reconstruction: balanced accuracy %.4f -> %.4f (%s)", metrics["balanced_accuracy"],
+             after["balanced_accuracy"], "kept" if kept else "discarded")
+    summary = {"kept": kept, "balanced_accuracy_before": metrics["balanced_accuracy"],
+               "balanced_accuracy_after": after["balanced_accuracy"], "images": len(source),
+               "seconds": round(time.perf_counter() - start, 1)}
+    return (after, rebuilt, summary) if kept else (metrics, tensors, summary)
 
 
 class _QatLoop:
@@ -335,6 +373,12 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     quantizer, tensors = _calibrate(folded, plan, source, cfg)
     metrics = evaluate(folded)
     extra = {"ptq_balanced_accuracy": metrics["balanced_accuracy"]}
+    if cfg.reconstruct:
+        reconstruction_source = source if cfg.reconstruct_images >= len(source) else ClassBalancedSource(
+            run_records(run_info, "train"), cfg.reconstruct_images, size, mean, std, batch_size=cfg.batch_size,
+            seed=cfg.seed, input_name=INPUT_NAME)
+        metrics, tensors, extra["reconstruction"] = _reconstruct(quantizer, folded, tensors, reconstruction_source,
+                                                                 evaluate, metrics)
     if cfg.mode == "ptq" and cfg.float_head and cfg.refit_head:
         metrics, extra["head_refit"] = refit_head(folded, run_info, evaluate, metrics)
     if cfg.mode == "qat":
@@ -361,7 +405,8 @@ def _write_outputs(out: Path, cfg: QuantizeConfig, run_info: dict, source: Class
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)  # the manifest goes first and comes back last
     weights_path = out / "model.safetensors"
-    tuned = cfg.mode == "qat" or metrics.get("head_refit", {}).get("kept", False)
+    tuned = (cfg.mode == "qat" or metrics.get("head_refit", {}).get("kept", False)
+             or metrics.get("reconstruction", {}).get("kept", False))
     if tuned:
         save_weights(weights_path, folded.state_dict(), {"stage": cfg.stage, "mode": cfg.mode, "folded": "batchnorm"})
     else:

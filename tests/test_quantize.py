@@ -34,7 +34,7 @@ METRIC_KEYS = {"classes", "num_samples", "accuracy", "balanced_accuracy", "per_c
                "float_balanced_accuracy", "mode", "method", "calib_images", "float_head", "float_modules"}
 # A deliberately narrow activation range: clipping at the 99.9th percentile costs this tiny model
 # accuracy in PTQ, which QAT (from those ranges, distilling from the float model) wins back.
-NARROW = QuantizeConfig(method="percentile", percentile=99.9, refit_head=False)
+NARROW = QuantizeConfig(method="percentile", percentile=99.9, reconstruct=False)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +58,13 @@ def _quantized_copy(run_dir, tmp_path_factory, cfg: QuantizeConfig):
 
 @pytest.fixture(scope="module")
 def ptq(run_dir, tmp_path_factory):
-    return _quantized_copy(run_dir, tmp_path_factory, QuantizeConfig(refit_head=False))
+    # plain round-to-nearest PTQ: the tests below check its calibration against numpy oracles
+    return _quantized_copy(run_dir, tmp_path_factory, QuantizeConfig(reconstruct=False))
 
 
 @pytest.fixture(scope="module")
 def quantized_head_ptq(run_dir, tmp_path_factory):
-    return _quantized_copy(run_dir, tmp_path_factory, QuantizeConfig(float_head=False))
+    return _quantized_copy(run_dir, tmp_path_factory, QuantizeConfig(float_head=False, reconstruct=False))
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +237,7 @@ def test_head_refit_fits_the_quantized_trunk_features(run_dir, ptq, folded_float
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    result = quantize(run, QuantizeConfig())
+    result = quantize(run, QuantizeConfig(refit_head=True, reconstruct=False))
     refit = result.metrics["head_refit"]
     plain_ptq = ptq[1].metrics["balanced_accuracy"]
     assert refit["balanced_accuracy_before"] == pytest.approx(plain_ptq)
@@ -362,7 +363,7 @@ def test_a_later_ptq_run_with_few_images_warns_and_replaces_qat_weights(qat, tmp
     shutil.copytree(qat[0], run)
     assert (run / "quantized/float/model.safetensors").exists()
     with caplog.at_level(logging.WARNING):
-        result = quantize(run, QuantizeConfig(calib_images=12, batch_size=12, refit_head=False))
+        result = quantize(run, QuantizeConfig(calib_images=12, batch_size=12, reconstruct=False))
     assert result.metrics["calib_images"] == 12 and len(result.metrics["calibration_files"]) == 12
     assert any("12 calibration images" in record.getMessage() for record in caplog.records)
     assert result.model_path is None and not (run / "quantized/float/model.safetensors").exists()
@@ -372,3 +373,76 @@ def test_a_later_ptq_run_with_few_images_warns_and_replaces_qat_weights(qat, tmp
     calibration_file.write_text(calibration_file.read_text().replace('"scale": ', '"scale":  ', 1))
     with pytest.raises(ArtifactError, match="changed since quantize"):
         load_quantized_model(run, "float")
+
+
+def test_gptq_rounding_lies_on_the_grid_and_beats_round_to_nearest():
+    from edge_tl.reconstruct import gptq_round
+
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(24, 24, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(4096, 24, generator=generator, dtype=torch.float64) @ mixing  # correlated channels
+    columns = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=torch.float64)], 1)
+    weights = torch.randn(16, 25, generator=generator, dtype=torch.float64)
+    scales = weights[:, :-1].abs().amax(1) / 127
+    rounded = gptq_round(weights, columns.T @ columns, scales)
+    steps = rounded[:, :-1] / scales[:, None]
+    assert torch.allclose(steps, steps.round(), atol=1e-9) and steps.abs().max() <= 127 + 1e-9
+    nearest = torch.cat([torch.round(weights[:, :-1] / scales[:, None]) * scales[:, None], weights[:, -1:]], 1)
+    target = columns @ weights.T
+    gptq_error = (columns @ rounded.T - target).norm()
+    nearest_error = (columns @ nearest.T - target).norm()
+    assert gptq_error < 0.8 * nearest_error, (gptq_error, nearest_error)  # measured 0.74
+
+
+def _qdq_logits(model: torch.nn.Module, calibration, images: np.ndarray) -> np.ndarray:
+    from export.onnx_export import torch_to_onnx_proto
+    from export.qdq import quantize_graph
+
+    proto = torch_to_onnx_proto(model, images.shape[-1], 17, True)
+    quantize_graph(proto, model, calibration)
+    return ort_session(proto).run(None, {"input": images})[0]
+
+
+def test_reconstruction_brings_the_int8_onnx_closer_to_float(ptq, folded_float):
+    """Least squares against the float model plus GPTQ rounding, measured in ONNX Runtime."""
+    from dataclasses import replace
+
+    from edge_tl.reconstruct import reconstruct_weights
+
+    run, result = ptq
+    calibration = read_calibration(result.calibration_path)
+    run_info = json.loads((run / "run.json").read_text())
+    source = ClassBalancedSource(run_records(run_info, "train"), 128, 64, run_info["mean"], run_info["std"],
+                                 batch_size=16)
+    model = copy.deepcopy(folded_float)
+    tensors = reconstruct_weights(model, calibration.tensors, iter_batches(source))
+    assert [t for t in tensors if t.role != "weight"] == [t for t in calibration.tensors if t.role != "weight"]
+    for tensor in (t for t in tensors if t.role == "weight"):
+        weight = model.get_submodule(tensor.module).weight.detach().double()
+        steps = weight.reshape(weight.shape[0], -1) / torch.tensor(tensor.scale, dtype=torch.float64)[:, None]
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 127.001, tensor.module
+    images, _, _ = _val_images(run)
+    with torch.no_grad():
+        float_logits = folded_float(images).numpy()
+    plain = _qdq_logits(folded_float, calibration, images.numpy())
+    rebuilt = _qdq_logits(model, replace(calibration, tensors=tuple(tensors)), images.numpy())
+    plain_error, rebuilt_error = (float(np.mean((logits - float_logits) ** 2)) for logits in (plain, rebuilt))
+    assert rebuilt_error < 0.5 * plain_error, (rebuilt_error, plain_error)
+
+
+def test_reconstructed_ptq_is_kept_only_when_accuracy_holds_and_then_exported(run_dir, ptq, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    result = quantize(run, QuantizeConfig())
+    summary, plain = result.metrics["reconstruction"], ptq[1].metrics["balanced_accuracy"]
+    assert summary["images"] == min(128, ptq[1].metrics["calib_images"])
+    assert summary["balanced_accuracy_before"] == pytest.approx(plain)
+    assert summary["kept"] == (summary["balanced_accuracy_after"] >= plain)
+    assert result.metrics["balanced_accuracy"] == pytest.approx(max(summary["balanced_accuracy_after"], plain))
+    calibration = read_calibration(result.calibration_path)
+    assert calibration.model["tuned_weights"] == summary["kept"] == (result.model_path is not None)
+    if summary["kept"]:
+        model, _, _ = load_quantized_model(run, "float")
+        assert _simulated_balanced_accuracy(model, run) == pytest.approx(result.metrics["balanced_accuracy"])
+        manifest = export_artifact(run, ExportConfig(precision="int8"))
+        assert manifest["calibration"]["weights"] == "tuned"
