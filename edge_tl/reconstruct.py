@@ -20,7 +20,7 @@ go into calibration.json (a channel whose largest weight moved below 127 steps k
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
