@@ -84,11 +84,13 @@ class CalibrationTensor:
         return cls(module, role, "uint8", None, scale, zero_point, float(min_value), float(max_value), dict(extra))
 
     @classmethod
-    def weight(cls, module: str, weight: np.ndarray) -> "CalibrationTensor":
-        """Per-output-channel symmetric int8 parameters of ``weight`` (its exact min/max)."""
+    def weight(cls, module: str, weight: np.ndarray, scales: np.ndarray | None = None) -> "CalibrationTensor":
+        """Per-output-channel symmetric int8 parameters of ``weight`` (its exact min/max); ``scales``
+        defaults to max(|min|, |max|) / 127 and is given for weights already on their int8 grids."""
         weight = np.asarray(weight, dtype=np.float32)
         flat = weight.reshape(weight.shape[0], -1)
-        scales = per_channel_symmetric_int8_scales(weight, axis=0)
+        if scales is None:
+            scales = per_channel_symmetric_int8_scales(weight, axis=0)
         return cls(
             module, "weight", "int8", 0, tuple(float(s) for s in scales), (0,) * len(scales),
             tuple(float(v) for v in flat.min(axis=1)), tuple(float(v) for v in flat.max(axis=1)),

@@ -7,9 +7,6 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nni.compression.quantization import (
-    QATQuantizer,  # after nni_compat: NNI import warnings
-)
 from torch import nn
 
 from calibrate.calibration_file import CalibrationTensor
@@ -17,13 +14,9 @@ from edge_tl import data as data_mod
 from edge_tl import nni_compat
 from edge_tl.finetune import run_records
 from edge_tl.metrics import classification_metrics
-from edge_tl.quantize import (
-    QuantizeConfig,
-    _current_tensors,
-    _predict,
-    apply_calibration,
-    nni_config_list,
-)
+from edge_tl.quantize import QuantizeConfig, current_tensors, predict, apply_calibration, nni_config_list
+
+from nni.compression.quantization import QATQuantizer  # after nni_compat: NNI import warnings
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +40,7 @@ class _QatLoop:
         self.train_images, self.val_images, self.val_labels = train_images, val_images, val_labels
         self.run_info, self.cfg = run_info, cfg
         with torch.no_grad():
-            self.val_teacher = F.log_softmax(torch.from_numpy(_predict(teacher, val_images)), dim=1)
+            self.val_teacher = F.log_softmax(torch.from_numpy(predict(teacher, val_images)), dim=1)
         self.history: list[dict] = []
         self.best: tuple = ()
         self.best_state: dict | None = None
@@ -66,8 +59,8 @@ class _QatLoop:
         The epoch is evaluated with the parameters calibration.json would get from it (exact weight
         scales instead of NNI's moving-average weight ranges), i.e. as it would be exported.
         """
-        apply_calibration(self.quantizer, _current_tensors(self.quantizer, self.plan))
-        logits = torch.from_numpy(_predict(model, self.val_images))
+        apply_calibration(self.quantizer, current_tensors(self.quantizer, self.plan))
+        logits = torch.from_numpy(predict(model, self.val_images))
         predictions = logits.argmax(1).numpy()
         balanced = classification_metrics(self.val_labels, predictions, self.run_info["classes"])["balanced_accuracy"]
         divergence = float(F.kl_div(F.log_softmax(logits, dim=1), self.val_teacher, reduction="batchmean",
@@ -120,6 +113,6 @@ def qat(folded: nn.Module, teacher: nn.Module, plan, ptq_tensors, run_info: dict
     loop.quantizer, loop.plan = quantizer, plan
     with nni_compat.quiet_nni(), nni_compat.quiet_qat_backward():
         quantizer.compress(max_steps=None, max_epochs=cfg.qat_epochs)
-    tensors = _current_tensors(quantizer, plan)
+    tensors = current_tensors(quantizer, plan)
     apply_calibration(quantizer, tensors)
     return quantizer, tensors, loop.history

@@ -26,40 +26,29 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from nni.compression.quantization import (
-    PtqQuantizer,  # after nni_compat: NNI import warnings
-)
 from torch import nn
 
-from calibrate.calibration_file import (
-    Calibration,
-    CalibrationTensor,
-    read_calibration,
-    write_calibration,
-)
+from calibrate.calibration_file import Calibration, CalibrationTensor, read_calibration, write_calibration
 from calibrate.observe import output_layers, quantization_plan
 from calibrate.ranges import DEFAULT_PERCENTILE, RangeObserver, check_range_method
 from calibrate.sources import ClassBalancedSource, iter_batches
 from edge_tl import data as data_mod
 from edge_tl import nni_compat
-from edge_tl.artifacts import (
-    atomic_write_json,
-    load_weights,
-    read_json,
-    save_weights,
-    sha256_file,
-)
+from edge_tl.artifacts import atomic_write_json, load_weights, read_json, save_weights, sha256_file
 from edge_tl.errors import ArtifactError, ConfigError
 from edge_tl.finetune import load_checkpoint, run_records
 from edge_tl.fold import fold_batchnorm
 from edge_tl.head import refit_head
 from edge_tl.metrics import classification_metrics
 from edge_tl.reconstruct import reconstruct_weights
+
+from nni.compression.quantization import PtqQuantizer  # after nni_compat: NNI import warnings
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +148,7 @@ def nni_config_list(plan: dict[str, tuple[str, ...]]) -> list[dict]:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     model.eval()
     return torch.cat([model(chunk) for chunk in torch.split(images, batch_size)]).float().numpy()
 
@@ -195,7 +184,7 @@ def _calibrate(folded: nn.Module, plan, source: ClassBalancedSource,
     finally:
         remove()
     nni_compat.stop_ptq_tracking(quantizer)
-    tensors = _current_tensors(quantizer, plan)  # exact weights; NNI's tracked min/max for activations
+    tensors = current_tensors(quantizer, plan)  # exact weights; NNI's tracked min/max for activations
     if cfg.method != "minmax":
         tensors = [tensor if tensor.role == "weight" else _observed(tensor, observers, cfg) for tensor in tensors]
     apply_calibration(quantizer, tensors)
@@ -211,7 +200,7 @@ def _observed(tensor: CalibrationTensor, observers: dict, cfg: QuantizeConfig) -
                                         observed_max=observer.max_value)
 
 
-def _current_tensors(quantizer, plan) -> list[CalibrationTensor]:
+def current_tensors(quantizer, plan) -> list[CalibrationTensor]:
     """Calibration entries (in plan order) for the current weights and NNI's current activation ranges."""
     tensors = []
     for module_name, target_name, space in nni_compat.quantization_targets(quantizer):
@@ -239,8 +228,6 @@ def _reconstruct(quantizer, folded: nn.Module, tensors: list[CalibrationTensor],
                  evaluate, metrics: dict) -> tuple[dict, list[CalibrationTensor], dict]:
     """Weight reconstruction (edge_tl/reconstruct.py) of the calibrated model, kept only when the
     fake-quantized validation balanced accuracy does not fall; returns (metrics, tensors, summary)."""
-    import time
-
     start = time.perf_counter()
     quantizer.unwrap_model()
     before = copy.deepcopy(folded.state_dict())
@@ -277,7 +264,7 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     val_labels = np.array([r.label for r in val])
 
     def evaluate(net: nn.Module) -> dict:
-        predictions = _predict(net, val_images).argmax(1)
+        predictions = predict(net, val_images).argmax(1)
         return classification_metrics(val_labels, predictions, classes, run_info.get("ok_class"))
 
     float_metrics = evaluate(model)

@@ -19,6 +19,7 @@ go into calibration.json (a channel whose largest weight moved below 127 steps k
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable
 
@@ -204,8 +205,6 @@ def reconstruct_weights(model: nn.Module, tensors: Iterable[CalibrationTensor], 
     returns ``tensors`` with the weight entries of the reconstructed layers replaced (their scales
     are the grids the new weights lie on).
     """
-    import copy
-
     tensors = list(tensors)
     quantized = {t.module for t in tensors if t.role == "weight"}
     reference = copy.deepcopy(model).eval()
@@ -229,13 +228,7 @@ def reconstruct_weights(model: nn.Module, tensors: Iterable[CalibrationTensor], 
     finally:
         remove()
     log.info("reconstructed %d convolutions on %d calibration images", len(scales), sum(len(c) for c in x))
-    return [_with_scales(t, model.get_submodule(t.module).weight, scales[t.module])
+    return [CalibrationTensor.weight(t.module, model.get_submodule(t.module).weight.detach().numpy(),
+                                     scales[t.module].numpy())
             if t.role == "weight" and t.module in scales else t for t in tensors]
-
-
-def _with_scales(tensor: CalibrationTensor, weight: torch.Tensor, scales: torch.Tensor) -> CalibrationTensor:
-    flat = weight.detach().reshape(weight.shape[0], -1).numpy()
-    return CalibrationTensor(tensor.module, "weight", "int8", 0, tuple(float(s) for s in scales.numpy()),
-                             (0,) * len(scales), tuple(float(v) for v in flat.min(1)),
-                             tuple(float(v) for v in flat.max(1)))
 
