@@ -101,7 +101,7 @@ def simulate_qdq(model: nn.Module, tensors: Iterable[CalibrationTensor]) -> Call
 
 
 @torch.no_grad()
-def _captured(block: nn.Module, module: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+def captured(block: nn.Module, module: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
     """``module``'s input (after its pre-hooks) or output when ``block`` runs on ``x``."""
     seen = []
 
@@ -154,12 +154,30 @@ def gptq_round(weights: torch.Tensor, hessian: torch.Tensor, scales: torch.Tenso
     return weights
 
 
-def _solve(hessian: torch.Tensor, cross: torch.Tensor, original: torch.Tensor, damping: float) -> torch.Tensor:
-    """Ridge least squares toward ``original`` (rows x cols): W^T = (H + d I)^-1 (A^T Y + d W0^T), with
-    ``cross`` = A^T Y (cols x rows) and d relative to mean(diag H); batched over a leading axis."""
+def normal_equations(conv: nn.Conv2d, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A^T A and A^T Y (float64) for fitting ``conv``'s weights and a bias so that input ``x`` gives
+    output ``target``: dense (cols x cols, cols x outputs) or, for a depthwise conv, per channel
+    (C x taps+1 x taps+1, C x taps+1 x 1). Sums over chunks of images add up."""
+    if conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1:
+        a = _depthwise_columns(conv, x)
+        y = target.transpose(0, 1).reshape(conv.out_channels, -1, 1)
+        return (a.transpose(1, 2) @ a).double(), (a.transpose(1, 2) @ y).double()
+    a = _columns(conv, x)
+    y = target.flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
+    return (a.T @ a).double(), (a.T @ y).double()
+
+
+def ridge_solve(hessian: torch.Tensor, cross: torch.Tensor, original: torch.Tensor, damping: float) -> torch.Tensor:
+    """Ridge least squares toward ``original`` (outputs x cols, weights then bias, as
+    :func:`normal_equations` orders them): W^T = (H + d I)^-1 (A^T Y + d W0^T), d relative to mean(diag H).
+    For per-channel (depthwise) normal equations the result is solved channel by channel."""
+    per_channel = hessian.dim() == 3
+    if per_channel:
+        original = original[:, None, :]
     d = damping * torch.diagonal(hessian, dim1=-2, dim2=-1).mean(-1)[..., None, None]
     eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype)
-    return torch.linalg.solve(hessian + d * eye, cross + d * original.transpose(-1, -2)).transpose(-1, -2)
+    solved = torch.linalg.solve(hessian + d * eye, cross + d * original.transpose(-1, -2)).transpose(-1, -2)
+    return solved[:, 0, :] if per_channel else solved
 
 
 def _reconstruct_conv(conv: nn.Conv2d, reference: nn.Conv2d, block: nn.Module, reference_block: nn.Module,
@@ -169,21 +187,10 @@ def _reconstruct_conv(conv: nn.Conv2d, reference: nn.Conv2d, block: nn.Module, r
     original = torch.cat([conv.weight.detach().flatten(1), conv.bias.detach()[:, None]], 1).double()
     hessian = cross = None
     for x, xf in zip(inputs, reference_inputs):
-        xq = _captured(block, conv, x, "input")
-        target = _captured(reference_block, reference, xf, "output")
-        if depthwise:
-            a = _depthwise_columns(conv, xq)
-            y = target.transpose(0, 1).reshape(conv.out_channels, -1, 1)
-            h, b = (a.transpose(1, 2) @ a).double(), (a.transpose(1, 2) @ y).double()
-        else:
-            a = _columns(conv, xq)
-            y = target.flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
-            h, b = (a.T @ a).double(), (a.T @ y).double()
+        h, b = normal_equations(conv, captured(block, conv, x, "input"),
+                                captured(reference_block, reference, xf, "output"))
         hessian, cross = (h, b) if hessian is None else (hessian + h, cross + b)
-    if depthwise:
-        solved = _solve(hessian, cross, original[:, None, :], damping)[:, 0, :]
-    else:
-        solved = _solve(hessian, cross, original, damping)
+    solved = ridge_solve(hessian, cross, original, damping)
     floor = original[:, :-1].abs().amax(1) / 127
     scales = solved[:, :-1].abs().amax(1) / 127
     dead = scales < 1e-3 * floor  # a channel that never fires: keep its weights

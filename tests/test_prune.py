@@ -21,9 +21,9 @@ from edge_tl.prune import (
     apply_shape_spec,
     find_prune_groups,
     prune_model,
-    reconstruct_pointwise,
     sweep,
 )
+from edge_tl.prune_reconstruct import reconstruct_pruned
 from edge_tl.recovery import recover
 
 IMG = 64
@@ -187,25 +187,38 @@ def test_reload_from_spec_and_safetensors_gives_identical_outputs(pruned_lite0, 
 
 def test_reconstruction_solves_the_least_squares_oracle_and_brings_outputs_back(lite0, images):
     pruned, _ = prune_model(lite0, IMG, 0.5)
-    first = find_prune_groups(lite0, IMG)[0]  # block 2: its input is the parent's own (no earlier block was pruned)
+    groups = find_prune_groups(lite0, IMG)
+    first = groups[0]  # block 2: its input is the parent's own (no earlier block was pruned)
     parent_weight = lite0.get_submodule(first.expansion).weight
-    kept = {group.expansion: lite0.get_submodule(group.expansion).weight.abs().sum((1, 2, 3))
-            .topk(pruned.get_submodule(group.expansion).out_channels).indices.sort().values
-            for group in find_prune_groups(lite0, IMG)}
+    kept = {}
+    for group in groups:
+        kept[group.expansion] = kept[group.depthwise] = (
+            lite0.get_submodule(group.expansion).weight.abs().sum((1, 2, 3))
+            .topk(pruned.get_submodule(group.expansion).out_channels).indices.sort().values)
     assert torch.equal(pruned.get_submodule(first.expansion).weight, parent_weight[kept[first.expansion]])
     captured = {}
-    handles = [lite0.get_submodule(first.expansion).register_forward_hook(lambda m, a, out: captured.update(x=a[0], y=out))]
+    handle = lite0.get_submodule(first.expansion).register_forward_hook(lambda m, a, out: captured.update(x=a[0], y=out))
     with torch.no_grad():
         error_before = (pruned(images) - lite0(images)).abs().mean()
-    handles[0].remove()
-    refit = reconstruct_pointwise(pruned, lite0, images, kept, samples=10**9, ridge=1e-3)
-    assert refit[0] == first.expansion and "trunk.blocks.17.0" in refit  # ... through the final 1x1 conv
+    handle.remove()
+    bn_name = first.expansion.rsplit(".", 1)[0] + "." + str(int(first.expansion.rsplit(".", 1)[1]) + 1)
+    mean_before = pruned.get_submodule(bn_name).running_mean.clone()
+    refit = reconstruct_pruned(pruned, lite0, images, kept, damping=1e-3)
+    # from the first pruned block's expansion conv, depthwise convs included, through the final 1x1 conv
+    assert refit[:2] == [first.expansion, first.depthwise] and refit[-1] == "trunk.blocks.17.0"
     x = captured["x"].permute(0, 2, 3, 1).reshape(-1, captured["x"].shape[1]).double().numpy()
+    x = np.concatenate([x, np.ones((len(x), 1))], 1)  # the bias column
     y = captured["y"].permute(0, 2, 3, 1).reshape(-1, captured["y"].shape[1]).double().numpy()[:, kept[first.expansion]]
+    original = np.concatenate([parent_weight[kept[first.expansion]].detach().double().numpy()[:, :, 0, 0],
+                               np.zeros((len(y.T), 1))], 1)
     gram = x.T @ x
-    oracle = np.linalg.solve(gram + 1e-3 * np.diag(gram).mean() * np.eye(len(gram)), x.T @ y)
+    damping = 1e-3 * np.diag(gram).mean()
+    oracle = np.linalg.solve(gram + damping * np.eye(len(gram)), x.T @ y + damping * original.T)
     weight = pruned.get_submodule(first.expansion).weight.detach().double().numpy()
-    assert np.allclose(weight[:, :, 0, 0], oracle.T, atol=1e-5)
+    assert np.allclose(weight[:, :, 0, 0], oracle[:-1].T, atol=1e-5)
+    # the conv has no bias: the solved one went into the following BatchNorm's running mean
+    shift = (mean_before - pruned.get_submodule(bn_name).running_mean).double().numpy()
+    assert np.allclose(shift, oracle[-1], atol=1e-5)
     with torch.no_grad():
         error_after = (pruned(images) - lite0(images)).abs().mean()
     assert error_after < 0.5 * error_before
@@ -229,10 +242,12 @@ def test_contribution_keeps_the_channels_with_most_output_energy(lite0, images):
     expected = sorted(np.argsort(-score)[:keep].tolist())
     pruned, spec = prune_model(lite0, IMG, 0.5, method="contribution", calibration_batches=[images])
     assert spec["method"] == "contribution"
-    # the 1x1 convs are refit after selection; the depthwise conv keeps its rows, so it names the kept channels
-    depthwise = pruned.get_submodule(group.depthwise).weight.detach()
-    parent_depthwise = lite0.get_submodule(group.depthwise).weight.detach()
-    kept = [c for c in range(group.channels) if any(torch.equal(parent_depthwise[c], row) for row in depthwise)]
+    # the convs are re-solved after selection, BatchNorm scales and shifts are not: they name the kept channels
+    prefix, position = group.depthwise.rsplit(".", 1)
+    bn = f"{prefix}.{int(position) + 1}"
+    rows = torch.stack([pruned.get_submodule(bn).weight, pruned.get_submodule(bn).bias], 1).detach()
+    parent_rows = torch.stack([lite0.get_submodule(bn).weight, lite0.get_submodule(bn).bias], 1).detach()
+    kept = [c for c in range(group.channels) if any(torch.equal(parent_rows[c], row) for row in rows)]
     assert kept == expected
 
 
