@@ -386,6 +386,20 @@ def test_calibration_for_other_modules_is_refused(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_float_conv_between_quantized_activations_is_refused_for_onnxruntime(tmp_path):
+    """ONNX Runtime miscomputes a float-weight Conv fed by a quantized tensor: the export refuses to write one."""
+    model = _tiny_classifier()
+    calibration = collect_calibration(fold_batchnorm(model), ArraySource(_images(4, 1), 2), "minmax")
+    convs = [t.module for t in calibration.tensors if t.role == "weight" and t.module != "head"]
+    dropped = tuple(t for t in calibration.tensors if not (t.module == convs[-1] and t.role == "weight"))
+    partial = Calibration({}, "minmax", "", dropped)
+    with pytest.raises(ArtifactError, match=f"quantizes the input of {convs[-1]} but not its weight"):
+        export_qdq_onnx(model, partial, PX, tmp_path / "a.onnx", metadata=META)
+    assert not list(tmp_path.iterdir())
+    report = export_qdq_onnx(model, partial, PX, tmp_path / "b.onnx", target="tensorrt", metadata=META)
+    assert convs[-1] in report["float_layers"]
+
+
 def test_tensorrt_cache_from_calibration(tmp_path):
     model = _tiny_classifier()
     fp32 = tmp_path / "tiny.onnx"
