@@ -187,7 +187,7 @@ def load_stage_model(run_dir: str | Path, stage: str) -> tuple[nn.Module, dict]:
 def sweep_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig(),
               sparsities: tuple[float, ...] = (0.3, 0.5, 0.7)) -> dict:
     """Accuracy (no recovery), MACs and latency per trunk stage and sparsity -> RUN_DIR/pruned_sweep.json."""
-    from edge_tl import prune as prune_mod
+    from edge_tl.prune_sweep import sweep
 
     validate_config(cfg)
     run_dir = Path(run_dir)
@@ -199,7 +199,7 @@ def sweep_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig(),
     rng = np.random.default_rng(cfg.seed)
     calibration = [train[i] for i in rng.permutation(len(train))[: cfg.calibration_images]]
     calibration_batches = [images for images, _ in _batches(calibration, run_info, cfg.batch_size, None)]
-    result = prune_mod.sweep(
+    result = sweep(
         parent, run_info["img_size"],
         lambda model: classification_metrics(val_labels, _predict(model, val_images), classes)["balanced_accuracy"],
         sparsities=sparsities, method=cfg.method, align=cfg.align, calibration_batches=calibration_batches,

@@ -21,8 +21,8 @@ from edge_tl.prune import (
     apply_shape_spec,
     find_prune_groups,
     prune_model,
-    sweep,
 )
+from edge_tl.prune_sweep import sweep
 from edge_tl.prune_reconstruct import reconstruct_pruned
 from edge_tl.recovery import recover
 

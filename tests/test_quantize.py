@@ -267,7 +267,7 @@ def test_head_refit_fits_the_quantized_trunk_features(run_dir, ptq, folded_float
 
 
 def test_float_head_has_no_calibration_entry_and_off_restores_it(ptq, quantized_head_ptq, folded_float):
-    (run, result), (head_run, head_result) = ptq, quantized_head_ptq
+    (_, result), (head_run, head_result) = ptq, quantized_head_ptq
     calibration, with_head = read_calibration(result.calibration_path), read_calibration(head_result.calibration_path)
     assert result.metrics["float_head"] and result.metrics["float_modules"] == ["head"]
     assert calibration.float_modules == ("head",) and not [t for t in calibration.tensors if t.module == "head"]
