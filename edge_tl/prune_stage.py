@@ -5,6 +5,7 @@ artifact, recovers its accuracy, measures it against the parent and writes it at
 """
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -186,7 +187,8 @@ def load_stage_model(run_dir: str | Path, stage: str) -> tuple[nn.Module, dict]:
 
 def sweep_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig(),
               sparsities: tuple[float, ...] = (0.3, 0.5, 0.7)) -> dict:
-    """Accuracy (no recovery), MACs and latency per trunk stage and sparsity -> RUN_DIR/pruned_sweep.json."""
+    """Accuracy (after the head refit, no recovery), MACs and latency per trunk stage and sparsity
+    -> RUN_DIR/pruned_sweep.json."""
     from edge_tl.prune_sweep import sweep
 
     validate_config(cfg)
@@ -199,11 +201,19 @@ def sweep_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig(),
     rng = np.random.default_rng(cfg.seed)
     calibration = [train[i] for i in rng.permutation(len(train))[: cfg.calibration_images]]
     calibration_batches = [images for images, _ in _batches(calibration, run_info, cfg.batch_size, None)]
-    result = sweep(
-        parent, run_info["img_size"],
-        lambda model: classification_metrics(val_labels, _predict(model, val_images), classes)["balanced_accuracy"],
-        sparsities=sparsities, method=cfg.method, align=cfg.align, calibration_batches=calibration_batches,
-        latency_runs=cfg.latency_runs,
-    )
+
+    def evaluate(model: nn.Module) -> dict:
+        return {"balanced_accuracy": classification_metrics(val_labels, _predict(model, val_images), classes)[
+            "balanced_accuracy"]}
+
+    def accuracy(model: nn.Module) -> float:
+        # as `edge-tl prune` does before recovery: the head refit on the pruned trunk, kept if not worse
+        before = evaluate(model)
+        if not cfg.refit_head or model is parent:
+            return before["balanced_accuracy"]
+        return refit_head(copy.deepcopy(model), run_info, evaluate, before)[0]["balanced_accuracy"]
+
+    result = sweep(parent, run_info["img_size"], accuracy, sparsities=sparsities, method=cfg.method, align=cfg.align,
+                   calibration_batches=calibration_batches, latency_runs=cfg.latency_runs)
     atomic_write_json(run_dir / "pruned_sweep.json", result)
     return result
