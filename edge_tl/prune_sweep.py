@@ -1,4 +1,8 @@
-"""The per-stage pruning sweep: accuracy (no recovery), MACs and ONNX Runtime latency per trunk stage and sparsity."""
+"""The per-stage pruning sweep: accuracy (no recovery), MACs and ONNX Runtime latency per trunk stage and sparsity.
+
+``val_fn`` decides what accuracy means; `edge-tl prune --sweep` (:func:`edge_tl.prune_stage.sweep_run`)
+refits the head on each pruned trunk first, as `edge-tl prune` does.
+"""
 from __future__ import annotations
 
 import logging
