@@ -23,12 +23,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from edge_tl.reconstruct import captured, normal_equations, ridge_solve
+from edge_tl.reconstruct import CHUNK, accumulated_normal_equations, ridge_solve
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DAMPING = 1e-3  # relative to the mean input energy: the targets are float, nothing to round
-CHUNK = 8  # images per forward pass (a depthwise layer at 112 px unfolds to ~0.7 GB per 8 images)
 
 
 def _refit_targets(block: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]]:
@@ -79,7 +78,8 @@ def reconstruct_pruned(pruned: nn.Module, parent: nn.Module, images: torch.Tenso
     if not kept_outputs:
         return []
     first = min(int(name.split(".")[2]) for name in kept_outputs)
-    pruned.eval(), parent.eval()
+    pruned.eval()
+    parent.eval()
     x = list(images.float().split(CHUNK))
     xp = list(x)
     refit = []
@@ -89,16 +89,8 @@ def reconstruct_pruned(pruned: nn.Module, parent: nn.Module, images: torch.Tenso
             for name, conv, bn in _refit_targets(block):
                 full = f"trunk.blocks.{index}.{name}"
                 reference = parent_block.get_submodule(name)
-                hessian = cross = None
-                for chunk, parent_chunk in zip(x, xp):
-                    inputs = captured(block, conv, chunk, "input")
-                    if inputs.shape[-1] * inputs.shape[-2] == 1:
-                        break  # squeeze-excitation convs see one pixel per image: nothing to fit
-                    target = captured(parent_block, reference, parent_chunk, "output")
-                    if full in kept_outputs:
-                        target = target[:, kept_outputs[full]]
-                    h, b = normal_equations(conv, inputs, target)
-                    hessian, cross = (h, b) if hessian is None else (hessian + h, cross + b)
+                hessian, cross = accumulated_normal_equations(conv, reference, block, parent_block, x, xp,
+                                                              kept_outputs.get(full), skip_single_pixel=True)
                 if hessian is not None:
                     _refit(conv, bn, hessian, cross, damping)
                     refit.append(full)

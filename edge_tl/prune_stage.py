@@ -80,34 +80,60 @@ def _predict(model: nn.Module, val_images: torch.Tensor) -> np.ndarray:
         return torch.cat([model(chunk) for chunk in torch.split(val_images, 64)]).argmax(1).numpy()
 
 
+@dataclass
+class _StageData:
+    """What pruning and the sweep read from a fine-tuned run: the parent, the splits, the validation
+    tensors and the seeded calibration subset of the training split (``rng`` continues after it)."""
+
+    parent: nn.Module
+    run_info: dict
+    train: list
+    val_images: torch.Tensor
+    val_labels: np.ndarray
+    calibration: list
+    calibration_batches: list
+    rng: np.random.Generator
+
+    @classmethod
+    def load(cls, run_dir: Path, cfg: PruneConfig) -> "_StageData":
+        parent, run_info = load_checkpoint(run_dir)
+        train, val = run_records(run_info, "train"), run_records(run_info, "val")
+        val_images = torch.cat([images for images, _ in _batches(val, run_info, 64, None)])
+        rng = np.random.default_rng(cfg.seed)
+        calibration = [train[i] for i in rng.permutation(len(train))[: cfg.calibration_images]]
+        calibration_batches = [images for images, _ in _batches(calibration, run_info, cfg.batch_size, None)]
+        return cls(parent, run_info, train, val_images, np.array([r.label for r in val]), calibration,
+                   calibration_batches, rng)
+
+    def evaluate(self, model: nn.Module) -> dict:
+        """Validation balanced accuracy, as the ``evaluate`` callback of :func:`refit_head` wants it."""
+        predictions = _predict(model, self.val_images)
+        return {"balanced_accuracy": classification_metrics(self.val_labels, predictions,
+                                                            self.run_info["classes"])["balanced_accuracy"]}
+
+
 def prune_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig()) -> PruneResult:
     """Prune a fine-tuned run, recover accuracy with distillation, and write RUN_DIR/pruned/."""
     from edge_tl import prune as prune_mod
 
     validate_config(cfg)
     run_dir = Path(run_dir)
-    parent, run_info = load_checkpoint(run_dir)
+    run = _StageData.load(run_dir, cfg)
+    parent, run_info, train, rng = run.parent, run.run_info, run.train, run.rng
     img_size, classes = run_info["img_size"], run_info["classes"]
-    train, val = run_records(run_info, "train"), run_records(run_info, "val")
-    rng = np.random.default_rng(cfg.seed)
+    val_images, val_labels = run.val_images, run.val_labels
     torch.manual_seed(cfg.seed)
 
-    val_images = torch.cat([images for images, _ in _batches(val, run_info, 64, None)])
-    val_labels = np.array([r.label for r in val])
-
     def balanced_accuracy(model: nn.Module) -> float:
-        return classification_metrics(val_labels, _predict(model, val_images), classes)["balanced_accuracy"]
+        return run.evaluate(model)["balanced_accuracy"]
 
-    calibration = [train[i] for i in rng.permutation(len(train))[: cfg.calibration_images]]
-    calibration_batches = [images for images, _ in _batches(calibration, run_info, cfg.batch_size, None)]
-    training_batches = list(_batches(calibration, run_info, cfg.batch_size, None)) if cfg.method == "taylor" else None
+    training_batches = list(_batches(run.calibration, run_info, cfg.batch_size, None)) if cfg.method == "taylor" else None
     pruned, spec = prune_mod.prune_model(parent, img_size, cfg.sparsity, cfg.method, cfg.align,
-                                         calibration_batches=calibration_batches, training_batches=training_batches)
+                                         calibration_batches=run.calibration_batches, training_batches=training_batches)
 
     head_refit = None
     if cfg.refit_head:
-        _, head_refit = refit_head(pruned, run_info, lambda m: {"balanced_accuracy": balanced_accuracy(m)},
-                                   {"balanced_accuracy": balanced_accuracy(pruned)})
+        _, head_refit = refit_head(pruned, run_info, run.evaluate, run.evaluate(pruned))
 
     def train_loader():
         order = [train[i] for i in rng.permutation(len(train))]
@@ -193,27 +219,16 @@ def sweep_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig(),
 
     validate_config(cfg)
     run_dir = Path(run_dir)
-    parent, run_info = load_checkpoint(run_dir)
-    classes = run_info["classes"]
-    train, val = run_records(run_info, "train"), run_records(run_info, "val")
-    val_images = torch.cat([images for images, _ in _batches(val, run_info, 64, None)])
-    val_labels = np.array([r.label for r in val])
-    rng = np.random.default_rng(cfg.seed)
-    calibration = [train[i] for i in rng.permutation(len(train))[: cfg.calibration_images]]
-    calibration_batches = [images for images, _ in _batches(calibration, run_info, cfg.batch_size, None)]
-
-    def evaluate(model: nn.Module) -> dict:
-        return {"balanced_accuracy": classification_metrics(val_labels, _predict(model, val_images), classes)[
-            "balanced_accuracy"]}
+    run = _StageData.load(run_dir, cfg)
 
     def accuracy(model: nn.Module) -> float:
         # as `edge-tl prune` does before recovery: the head refit on the pruned trunk, kept if not worse
-        before = evaluate(model)
-        if not cfg.refit_head or model is parent:
+        before = run.evaluate(model)
+        if not cfg.refit_head or model is run.parent:
             return before["balanced_accuracy"]
-        return refit_head(copy.deepcopy(model), run_info, evaluate, before)[0]["balanced_accuracy"]
+        return refit_head(copy.deepcopy(model), run.run_info, run.evaluate, before)[0]["balanced_accuracy"]
 
-    result = sweep(parent, run_info["img_size"], accuracy, sparsities=sparsities, method=cfg.method, align=cfg.align,
-                   calibration_batches=calibration_batches, latency_runs=cfg.latency_runs)
+    result = sweep(run.parent, run.run_info["img_size"], accuracy, sparsities=sparsities, method=cfg.method,
+                   align=cfg.align, calibration_batches=run.calibration_batches, latency_runs=cfg.latency_runs)
     atomic_write_json(run_dir / "pruned_sweep.json", result)
     return result

@@ -228,21 +228,23 @@ def _reconstruct(quantizer, folded: nn.Module, tensors: list[CalibrationTensor],
                  evaluate, metrics: dict) -> tuple[dict, list[CalibrationTensor], dict]:
     """Weight reconstruction (edge_tl/reconstruct.py) of the calibrated model, kept only when the
     fake-quantized validation balanced accuracy does not fall; returns (metrics, tensors, summary)."""
+    def rewrap(calibration: list[CalibrationTensor]) -> None:
+        # NNI's wrap() restores weights from its target spaces: sync them with the weights now in folded
+        nni_compat.sync_weight_targets(quantizer, folded)
+        quantizer.wrap_model()
+        apply_calibration(quantizer, calibration)
+
     start = time.perf_counter()
     quantizer.unwrap_model()
     before = copy.deepcopy(folded.state_dict())
     rebuilt = reconstruct_weights(folded, tensors, iter_batches(source))
-    nni_compat.sync_weight_targets(quantizer, folded)
-    quantizer.wrap_model()
-    apply_calibration(quantizer, rebuilt)
+    rewrap(rebuilt)
     after = evaluate(folded)
     kept = after["balanced_accuracy"] >= metrics["balanced_accuracy"]
     if not kept:
         quantizer.unwrap_model()
         folded.load_state_dict(before)
-        nni_compat.sync_weight_targets(quantizer, folded)
-        quantizer.wrap_model()
-        apply_calibration(quantizer, tensors)
+        rewrap(tensors)
     log.info("weight reconstruction: balanced accuracy %.4f -> %.4f (%s)", metrics["balanced_accuracy"],
              after["balanced_accuracy"], "kept" if kept else "discarded")
     summary = {"kept": kept, "balanced_accuracy_before": metrics["balanced_accuracy"],

@@ -167,6 +167,24 @@ def normal_equations(conv: nn.Conv2d, x: torch.Tensor, target: torch.Tensor) -> 
     return (a.T @ a).double(), (a.T @ y).double()
 
 
+def accumulated_normal_equations(conv: nn.Conv2d, reference: nn.Conv2d, block: nn.Module, reference_block: nn.Module,
+                                 inputs: list[torch.Tensor], reference_inputs: list[torch.Tensor],
+                                 output_index: torch.Tensor | None = None, skip_single_pixel: bool = False):
+    """:func:`normal_equations` summed over chunks of images: ``conv``'s input when ``block`` runs on each
+    chunk of ``inputs``, against ``reference``'s output (its channels ``output_index``, or all) when
+    ``reference_block`` runs on the matching chunk of ``reference_inputs``. With ``skip_single_pixel``,
+    (None, None) for a conv that sees one pixel per image (squeeze-excitation): nothing to fit."""
+    hessian = cross = None
+    for x, xf in zip(inputs, reference_inputs):
+        conv_input = captured(block, conv, x, "input")
+        if skip_single_pixel and conv_input.shape[-1] * conv_input.shape[-2] == 1:
+            return None, None
+        target = captured(reference_block, reference, xf, "output")
+        h, b = normal_equations(conv, conv_input, target if output_index is None else target[:, output_index])
+        hessian, cross = (h, b) if hessian is None else (hessian + h, cross + b)
+    return hessian, cross
+
+
 def ridge_solve(hessian: torch.Tensor, cross: torch.Tensor, original: torch.Tensor, damping: float) -> torch.Tensor:
     """Ridge least squares toward ``original`` (outputs x cols, weights then bias, as
     :func:`normal_equations` orders them): W^T = (H + d I)^-1 (A^T Y + d W0^T), d relative to mean(diag H).
@@ -185,11 +203,7 @@ def _reconstruct_conv(conv: nn.Conv2d, reference: nn.Conv2d, block: nn.Module, r
     """New int8-grid weights and bias for ``conv`` (in place); returns the per-channel scales."""
     depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
     original = torch.cat([conv.weight.detach().flatten(1), conv.bias.detach()[:, None]], 1).double()
-    hessian = cross = None
-    for x, xf in zip(inputs, reference_inputs):
-        h, b = normal_equations(conv, captured(block, conv, x, "input"),
-                                captured(reference_block, reference, xf, "output"))
-        hessian, cross = (h, b) if hessian is None else (hessian + h, cross + b)
+    hessian, cross = accumulated_normal_equations(conv, reference, block, reference_block, inputs, reference_inputs)
     solved = ridge_solve(hessian, cross, original, damping)
     floor = original[:, :-1].abs().amax(1) / 127
     scales = solved[:, :-1].abs().amax(1) / 127

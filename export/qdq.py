@@ -235,8 +235,9 @@ def quantize_graph(proto, model: nn.Module, calibration: Calibration, target: st
     # Measured with ONNX Runtime 1.32 (graph optimisations on): a Conv that keeps float weights
     # between quantized activations computes wrong outputs (-29 points on magnetic-tile).
     sandwiched = sorted({node_modules[node.name] for node in graph.node if node.op_type == "Conv"
-                         and node_modules.get(node.name) in float_layers and node.input[0] in activations})
-    if sandwiched and target == "onnxruntime":
+                         and node_modules.get(node.name) in float_layers and node.input[0] in activations}
+                        ) if target == "onnxruntime" else []
+    if sandwiched:
         raise ArtifactError(f"calibration.json quantizes the input of {sandwiched[0]} but not its weight, and ONNX "
                             "Runtime computes such a convolution wrongly; re-run `edge-tl quantize` so that every "
                             "quantized convolution has a weight entry")
