@@ -3,7 +3,7 @@
 :func:`quantization_plan` is the rule the NNI quantizer (:mod:`edge_tl.quantize`) follows: every
 Conv2d/Linear gets its input and weight quantized, and its output too unless the only consumer
 re-quantizes it. Modules named in ``float_modules`` (normally :func:`output_layers`, the
-classifier head) are left out entirely: calibration.json then has no entry for them and the Q/DQ
+classifier head, and :func:`input_layers`, the stem) are left out entirely: calibration.json then has no entry for them and the Q/DQ
 export keeps them float (calibrate/FORMAT.md).
 
 :func:`collect_calibration` is a plain-PyTorch calibrator (no NNI) over a calibration source: the
@@ -41,6 +41,13 @@ def output_layers(model: nn.Module) -> tuple[str, ...]:
     graph = torch.fx.symbolic_trace(model).graph
     return tuple(str(node.target) for node in _module_nodes(graph, model)
                  if any(user.op == "output" for user in node.users))
+
+
+def input_layers(model: nn.Module) -> tuple[str, ...]:
+    """Names of the Conv2d/Linear modules that read the model's input: an EdgeClassifier's stem."""
+    graph = torch.fx.symbolic_trace(model).graph
+    return tuple(str(node.target) for node in _module_nodes(graph, model)
+                 if any(arg.op == "placeholder" for arg in node.all_input_nodes))
 
 
 def _output_absorbed(node: torch.fx.Node, model: nn.Module, float_modules: Collection[str]) -> bool:

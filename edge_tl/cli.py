@@ -146,17 +146,21 @@ def prune(run_dir, sparsity, method, align, recover_epochs, distill, require_spe
 @click.option("--qat-epochs", type=int, default=3, show_default=True)
 @click.option("--float-head/--int8-head", default=True, show_default=True,
               help="Keep the classifier head (the layer producing the logits) in float.")
+@click.option("--float-stem/--int8-stem", default=True, show_default=True,
+              help="Keep the stem (the convolution reading the image) in float.")
 @click.option("--reconstruct/--no-reconstruct", default=True, show_default=True,
               help="Re-solve each quantized convolution against the float model (least squares + GPTQ rounding).")
 @click.option("--refit-head/--no-refit-head", default=False, show_default=True,
               help="After PTQ, refit the float head on the quantized trunk's training features.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def quantize(run_dir, stage, mode, calib_images, method, qat_epochs, float_head, reconstruct, refit_head, seed):
+def quantize(run_dir, stage, mode, calib_images, method, qat_epochs, float_head, float_stem, reconstruct, refit_head,
+             seed):
     """INT8 ranges with NNI (PTQ or QAT) -> RUN_DIR/quantized/STAGE/calibration.json and metrics."""
     from edge_tl.quantize import QuantizeConfig, quantize as run_quantize
 
     cfg = QuantizeConfig(stage=stage, mode=mode, calib_images=calib_images, method=method, qat_epochs=qat_epochs,
-                         float_head=float_head, reconstruct=reconstruct, refit_head=refit_head, seed=seed)
+                         float_head=float_head, float_stem=float_stem, reconstruct=reconstruct, refit_head=refit_head,
+                         seed=seed)
     result = run_quantize(run_dir, cfg)
     _print_json_summary(f"fake-quantized {stage} model ({result.calibration_path})", result.metrics,
                         ("balanced_accuracy", "float_balanced_accuracy", "balanced_accuracy_delta", "escape_rate",

@@ -33,8 +33,9 @@ METRIC_KEYS = {"classes", "num_samples", "accuracy", "balanced_accuracy", "per_c
                "ok_class", "escape_rate", "false_reject_rate", "balanced_accuracy_delta",
                "float_balanced_accuracy", "mode", "method", "calib_images", "float_head", "float_modules"}
 # A deliberately narrow activation range: clipping at the 99.9th percentile costs this tiny model
-# accuracy in PTQ, which QAT (from those ranges, distilling from the float model) wins back.
-NARROW = QuantizeConfig(method="percentile", percentile=99.9, reconstruct=False)
+# accuracy in PTQ (through the stem: with the default float stem it loses none), which QAT (from
+# those ranges, distilling from the float model) wins back.
+NARROW = QuantizeConfig(method="percentile", percentile=99.9, float_stem=False, reconstruct=False)
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +59,15 @@ def _quantized_copy(run_dir, tmp_path_factory, cfg: QuantizeConfig):
 
 @pytest.fixture(scope="module")
 def ptq(run_dir, tmp_path_factory):
-    # plain round-to-nearest PTQ: the tests below check its calibration against numpy oracles
-    return _quantized_copy(run_dir, tmp_path_factory, QuantizeConfig(reconstruct=False))
+    # plain round-to-nearest PTQ of every layer but the head: the tests below check its
+    # calibration against numpy oracles, the stem's included
+    return _quantized_copy(run_dir, tmp_path_factory, QuantizeConfig(float_stem=False, reconstruct=False))
 
 
 @pytest.fixture(scope="module")
 def quantized_head_ptq(run_dir, tmp_path_factory):
-    return _quantized_copy(run_dir, tmp_path_factory, QuantizeConfig(float_head=False, reconstruct=False))
+    return _quantized_copy(run_dir, tmp_path_factory, QuantizeConfig(float_head=False, float_stem=False,
+                                                                      reconstruct=False))
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +152,7 @@ def test_invalid_settings_fail_before_any_work(tmp_path):
     for cfg, word in ((QuantizeConfig(mode="int4"), "int4"), (QuantizeConfig(method="mse"), "mse"),
                       (QuantizeConfig(stage="sparse"), "sparse"), (QuantizeConfig(calib_images=0), "0"),
                       (QuantizeConfig(float_head="yes"), "float_head 'yes'"),
+                      (QuantizeConfig(float_stem="no"), "float_stem 'no'"),
                       (QuantizeConfig(refit_head=1), "refit_head 1"),
                       (QuantizeConfig(mode="qat", qat_epochs=0), "0")):
         with pytest.raises(ConfigError, match=word):
@@ -237,7 +241,7 @@ def test_head_refit_fits_the_quantized_trunk_features(run_dir, ptq, folded_float
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    result = quantize(run, QuantizeConfig(refit_head=True, reconstruct=False))
+    result = quantize(run, QuantizeConfig(refit_head=True, float_stem=False, reconstruct=False))
     refit = result.metrics["head_refit"]
     plain_ptq = ptq[1].metrics["balanced_accuracy"]
     assert refit["balanced_accuracy_before"] == pytest.approx(plain_ptq)
@@ -294,6 +298,35 @@ def test_onnx_int8_follows_the_fake_quantized_model_with_a_float_head(ptq, folde
     got = ort_session(manifest["path"]).run(None, {"input": images.numpy()})[0]
     # not bit-exact: ONNX Runtime quantizes the last conv after its ReLU6 and rounds biases to int32.
     # Measured on these 8 images: 8/8 agree, mean |ONNX - fake-quant| 0.13 against 0.56 to float.
+    assert np.mean(got.argmax(1) == simulated.argmax(1)) >= 0.85
+    assert np.mean(np.abs(got - simulated)) < 0.5 * np.mean(np.abs(got - float_logits))
+
+
+@pytest.fixture(scope="module")
+def float_stem_ptq(run_dir, tmp_path_factory):
+    return _quantized_copy(run_dir, tmp_path_factory, QuantizeConfig(reconstruct=False))  # default float stem
+
+
+def test_default_float_stem_stays_float_through_the_onnx_export(float_stem_ptq, ptq, folded_float):
+    """The stem (the convolution reading the image) gets no calibration.json entry by default: ONNX
+    Runtime runs it as a float Conv on the float input and quantizes its output for the next layer."""
+    run, result = float_stem_ptq
+    calibration = read_calibration(result.calibration_path)
+    assert result.metrics["float_stem"] and calibration.float_modules == ("head", "trunk.blocks.0.0")
+    assert not [t for t in calibration.tensors if t.module in ("head", "trunk.blocks.0.0")]
+    # every other entry is the fully quantized run's, unchanged
+    quantized_stem = read_calibration(ptq[1].calibration_path)
+    assert calibration.tensors == tuple(t for t in quantized_stem.tensors if t.module != "trunk.blocks.0.0")
+    assert calibration.get("trunk.blocks.1.body.0", "input") is not None  # the stem's output, after ReLU6
+    manifest = export_artifact(run, ExportConfig(precision="int8"))
+    ops = manifest["int8"]["ort_ops"]
+    assert manifest["int8"]["float_layers"] == ["head", "trunk.blocks.0.0"]
+    assert ops.get("QLinearConv") == manifest["int8"]["quantized_weights"] == 48 and ops.get("Conv") == 1
+    images, _, _ = _val_images(run)
+    simulated = _simulated_logits(copy.deepcopy(folded_float), run, images).numpy()
+    with torch.no_grad():
+        float_logits = folded_float(images).numpy()
+    got = ort_session(manifest["path"]).run(None, {"input": images.numpy()})[0]
     assert np.mean(got.argmax(1) == simulated.argmax(1)) >= 0.85
     assert np.mean(np.abs(got - simulated)) < 0.5 * np.mean(np.abs(got - float_logits))
 
@@ -433,7 +466,7 @@ def test_reconstruction_brings_the_int8_onnx_closer_to_float(ptq, folded_float):
 def test_reconstructed_ptq_is_kept_only_when_accuracy_holds_and_then_exported(run_dir, ptq, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    result = quantize(run, QuantizeConfig())
+    result = quantize(run, QuantizeConfig(float_stem=False))  # the stem quantized, as in the ptq fixture
     summary, plain = result.metrics["reconstruction"], ptq[1].metrics["balanced_accuracy"]
     assert summary["images"] == min(128, ptq[1].metrics["calib_images"])
     assert summary["balanced_accuracy_before"] == pytest.approx(plain)
