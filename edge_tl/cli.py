@@ -141,7 +141,7 @@ def prune(run_dir, sparsity, method, align, recover_epochs, distill, require_spe
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--stage", type=click.Choice(["float", "pruned"]), default="float", show_default=True)
 @click.option("--mode", type=click.Choice(["ptq", "qat"]), default="ptq", show_default=True)
-@click.option("--calib-images", type=int, default=256, show_default=True)
+@click.option("--calib-images", type=int, default=512, show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
 @click.option("--qat-epochs", type=int, default=3, show_default=True)
 @click.option("--float-head/--int8-head", default=True, show_default=True,

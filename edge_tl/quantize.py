@@ -76,7 +76,7 @@ class QuantizeConfig:
 
     stage: str = "float"
     mode: str = "ptq"
-    calib_images: int = 256
+    calib_images: int = 512
     method: str = "minmax"
     qat_epochs: int = 3
     qat_lr: float = 1e-5
@@ -87,7 +87,7 @@ class QuantizeConfig:
     float_stem: bool = True
     refit_head: bool = False  # PTQ with a float head: refit it on the quantized trunk's training features
     reconstruct: bool = True  # re-solve each quantized conv against the float model (edge_tl/reconstruct.py)
-    reconstruct_images: int = 128
+    reconstruct_images: int = 512
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def validate_config(cfg: QuantizeConfig) -> None:
     for name, value in (("--calib-images", cfg.calib_images), ("batch size", cfg.batch_size),
                         ("reconstruct images", cfg.reconstruct_images)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} {value!r} must be an integer >= 1, e.g. 256 calibration images")
+            raise ConfigError(f"{name} {value!r} must be an integer >= 1, e.g. 512 calibration images")
     if cfg.mode == "qat":
         if isinstance(cfg.qat_epochs, bool) or not isinstance(cfg.qat_epochs, int) or cfg.qat_epochs < 1:
             raise ConfigError(f"QAT epochs {cfg.qat_epochs!r} must be an integer >= 1, e.g. 3")

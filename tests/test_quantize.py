@@ -215,7 +215,7 @@ def test_calibration_images_come_from_the_train_split_only(ptq):
     assert len(files) == result.metrics["calib_images"] == len(run_info["split"]["train_files"])
     assert set(files) == set(run_info["split"]["train_files"])
     assert not set(files) & set(run_info["split"]["val_files"])
-    source = ClassBalancedSource(run_records(run_info, "train"), 256, 64, run_info["mean"], run_info["std"])
+    source = ClassBalancedSource(run_records(run_info, "train"), 512, 64, run_info["mean"], run_info["std"])
     expected_hash = source.file_list_hash(run_info["data_dir"])
     assert read_calibration(result.calibration_path).calibration_files_hash == expected_hash
 
@@ -468,7 +468,7 @@ def test_reconstructed_ptq_is_kept_only_when_accuracy_holds_and_then_exported(ru
     shutil.copytree(run_dir, run)
     result = quantize(run, QuantizeConfig(float_stem=False))  # the stem quantized, as in the ptq fixture
     summary, plain = result.metrics["reconstruction"], ptq[1].metrics["balanced_accuracy"]
-    assert summary["images"] == min(128, ptq[1].metrics["calib_images"])
+    assert summary["images"] == min(512, ptq[1].metrics["calib_images"])
     assert summary["balanced_accuracy_before"] == pytest.approx(plain)
     assert summary["kept"] == (summary["balanced_accuracy_after"] >= plain)
     assert result.metrics["balanced_accuracy"] == pytest.approx(max(summary["balanced_accuracy_after"], plain))
