@@ -234,8 +234,13 @@ def apply_calibration(quantizer, tensors: list[CalibrationTensor], with_ranges: 
 
 def _reconstruct(quantizer, folded: nn.Module, tensors: list[CalibrationTensor], source: ClassBalancedSource,
                  evaluate, metrics: dict) -> tuple[dict, list[CalibrationTensor], dict]:
-    """Weight reconstruction (edge_tl/reconstruct.py) of the calibrated model, kept only when the
-    fake-quantized validation balanced accuracy does not fall; returns (metrics, tensors, summary)."""
+    """Weight reconstruction (edge_tl/reconstruct.py) of the calibrated model, kept only when it brings
+    the fake-quantized validation logits closer to the float model's (``logit_error``, what the
+    reconstruction minimises layer by layer); returns (metrics, tensors, summary).
+
+    Not balanced accuracy: on magnetic-tile's 268 validation images it moved by 0.0001 when a
+    reconstruction that lowered the logit error was discarded on it, and the INT8 ONNX then
+    agreed with its float model on 0.963 of the images instead of 0.99."""
     def rewrap(calibration: list[CalibrationTensor]) -> None:
         # NNI's wrap() restores weights from its target spaces: sync them with the weights now in folded
         nni_compat.sync_weight_targets(quantizer, folded)
@@ -248,15 +253,17 @@ def _reconstruct(quantizer, folded: nn.Module, tensors: list[CalibrationTensor],
     rebuilt = reconstruct_weights(folded, tensors, iter_batches(source))
     rewrap(rebuilt)
     after = evaluate(folded)
-    kept = after["balanced_accuracy"] >= metrics["balanced_accuracy"]
+    kept = after["logit_error"] <= metrics["logit_error"]
     if not kept:
         quantizer.unwrap_model()
         folded.load_state_dict(before)
         rewrap(tensors)
-    log.info("weight reconstruction: balanced accuracy %.4f -> %.4f (%s)", metrics["balanced_accuracy"],
-             after["balanced_accuracy"], "kept" if kept else "discarded")
+    log.info("weight reconstruction: logit error %.4f -> %.4f, balanced accuracy %.4f -> %.4f (%s)",
+             metrics["logit_error"], after["logit_error"], metrics["balanced_accuracy"], after["balanced_accuracy"],
+             "kept" if kept else "discarded")
     summary = {"kept": kept, "balanced_accuracy_before": metrics["balanced_accuracy"],
-               "balanced_accuracy_after": after["balanced_accuracy"], "images": len(source),
+               "balanced_accuracy_after": after["balanced_accuracy"], "logit_error_before": metrics["logit_error"],
+               "logit_error_after": after["logit_error"], "images": len(source),
                "seconds": round(time.perf_counter() - start, 1)}
     return (after, rebuilt, summary) if kept else (metrics, tensors, summary)
 
@@ -273,9 +280,13 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     val_images = torch.from_numpy(data_mod.load_tensor_batch(val, size, mean, std))  # the inference transform
     val_labels = np.array([r.label for r in val])
 
+    float_logits = predict(model, val_images)
+
     def evaluate(net: nn.Module) -> dict:
-        predictions = predict(net, val_images).argmax(1)
-        return classification_metrics(val_labels, predictions, classes, run_info.get("ok_class"))
+        """Validation metrics, and ``logit_error``: mean |logits - float model's logits|."""
+        logits = predict(net, val_images)
+        metrics = classification_metrics(val_labels, logits.argmax(1), classes, run_info.get("ok_class"))
+        return {**metrics, "logit_error": float(np.mean(np.abs(logits - float_logits)))}
 
     float_metrics = evaluate(model)
     folded = fold_batchnorm(model)

@@ -463,15 +463,20 @@ def test_reconstruction_brings_the_int8_onnx_closer_to_float(ptq, folded_float):
     assert rebuilt_error < 0.5 * plain_error, (rebuilt_error, plain_error)
 
 
-def test_reconstructed_ptq_is_kept_only_when_accuracy_holds_and_then_exported(run_dir, ptq, tmp_path):
+def test_reconstructed_ptq_is_kept_only_when_closer_to_float_and_then_exported(run_dir, ptq, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     result = quantize(run, QuantizeConfig(float_stem=False))  # the stem quantized, as in the ptq fixture
     summary, plain = result.metrics["reconstruction"], ptq[1].metrics["balanced_accuracy"]
     assert summary["images"] == min(512, ptq[1].metrics["calib_images"])
     assert summary["balanced_accuracy_before"] == pytest.approx(plain)
-    assert summary["kept"] == (summary["balanced_accuracy_after"] >= plain)
-    assert result.metrics["balanced_accuracy"] == pytest.approx(max(summary["balanced_accuracy_after"], plain))
+    assert summary["logit_error_before"] == pytest.approx(ptq[1].metrics["logit_error"])
+    assert summary["logit_error_before"] > 0
+    # kept on fidelity to the float model: mean |fake-quantized logits - float logits| on validation
+    assert summary["kept"] == (summary["logit_error_after"] <= summary["logit_error_before"])
+    chosen = "after" if summary["kept"] else "before"
+    assert result.metrics["balanced_accuracy"] == pytest.approx(summary[f"balanced_accuracy_{chosen}"])
+    assert result.metrics["logit_error"] == pytest.approx(summary[f"logit_error_{chosen}"])
     calibration = read_calibration(result.calibration_path)
     assert calibration.model["tuned_weights"] == summary["kept"] == (result.model_path is not None)
     if summary["kept"]:
