@@ -18,7 +18,7 @@ from edge_tl.artifacts import atomic_output_path, atomic_write_json, read_json, 
 from edge_tl.errors import ArtifactError, BackendUnavailableError, ConfigError
 from export.tensorrt_compat import (
     BuildPlan, check_engine_matches, check_precision, configure, create_network, engine_information,
-    import_tensorrt, plan_build,
+    float_convolutions, import_tensorrt, plan_build,
 )
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,11 @@ def build_engine(
     trt = import_tensorrt()
     plan = plan_build(trt.__version__, precision, int8_source, dla_core)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    float_layers: tuple[str, ...] = ()
     if plan.onnx_kind == "qdq":
-        check_qdq_for_tensorrt(onnx.load(str(onnx_path), load_external_data=False))
+        qdq_model = onnx.load(str(onnx_path), load_external_data=False)
+        check_qdq_for_tensorrt(qdq_model)
+        float_layers = float_convolutions(qdq_model)  # the float stem: FP32 in a strongly typed network
     if plan.calibration_cache and calibration_cache is None:
         raise ConfigError("INT8 from a calibration cache needs --calibration-cache FILE")
     if plan.calibration_cache and not Path(calibration_cache).is_file() and calibration_source is None:
@@ -159,7 +162,7 @@ def build_engine(
     engine = runtime.deserialize_cuda_engine(serialized)
     context = engine.create_execution_context()
     context.set_input_shape(input_tensor.name, shape)
-    counts = check_precision(engine_information(trt, engine, context), plan.expected_precision)
+    counts = check_precision(engine_information(trt, engine, context), plan.expected_precision, float_layers)
     with atomic_output_path(engine_path) as tmp:
         tmp.write_bytes(bytes(serialized))
     if cache is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from edge_tl.errors import ArtifactError, BackendUnavailableError, ConfigError
 
@@ -119,11 +119,23 @@ def convolution_precisions(inspector_json: str | Mapping[str, Any]) -> list[tupl
     return found
 
 
-def check_precision(inspector_json: str | Mapping[str, Any], expected: str) -> dict[str, int]:
+def float_convolutions(onnx_model) -> tuple[str, ...]:
+    """Names of the Conv nodes of a Q/DQ ONNX model whose weights are float initializers (no
+    DequantizeLinear): the layers the INT8 export leaves float on purpose."""
+    initializers = {init.name for init in onnx_model.graph.initializer}
+    return tuple(node.name for node in onnx_model.graph.node
+                 if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in initializers)
+
+
+def check_precision(inspector_json: str | Mapping[str, Any], expected: str,
+                    float_layers: Collection[str] = ()) -> dict[str, int]:
     """Raise ArtifactError if the engine dropped the requested precision; returns per-datatype counts.
 
     Dropped means: a convolution runs in FP32, or (for int8) no convolution runs in INT8. INT8
     convolutions that TensorRT moved to FP16 are allowed (FP16 is enabled as their fallback).
+    ``float_layers`` are ONNX node names the Q/DQ file leaves float on purpose (the float stem,
+    :func:`float_convolutions`): a strongly typed TensorRT 11 network runs them in FP32 as the
+    file says, so an engine layer whose name contains one of them may be FP32.
     """
     convolutions = convolution_precisions(inspector_json)
     counts: dict[str, int] = {}
@@ -131,7 +143,8 @@ def check_precision(inspector_json: str | Mapping[str, Any], expected: str) -> d
         counts[datatype] = counts.get(datatype, 0) + 1
     if not convolutions:
         raise ArtifactError("the engine inspector lists no convolution layers; cannot verify the engine's precision")
-    in_fp32 = [name for name, datatype in convolutions if datatype == "fp32"]
+    in_fp32 = [name for name, datatype in convolutions
+               if datatype == "fp32" and not any(layer in name for layer in float_layers)]
     if in_fp32 or (expected == "int8" and not counts.get("int8")):
         raise ArtifactError(
             f"TensorRT dropped the requested {expected} precision: convolutions by input type {counts}"

@@ -27,7 +27,7 @@ from export.onnx_export import export_onnx, ort_session, read_onnx_metadata
 from export.onnx_ranges import export_tensorrt_cache, map_nodes_to_modules
 from export.qdq import TARGETS, export_qdq_onnx, fused_op_counts
 from export.tensorrt_build import check_qdq_for_tensorrt
-from export.tensorrt_compat import check_engine_matches, check_precision, plan_build
+from export.tensorrt_compat import check_engine_matches, check_precision, float_convolutions, plan_build
 
 PX = 64
 CLASSES = ["ok", "scratch", "spot", "crack"]
@@ -398,6 +398,28 @@ def test_float_conv_between_quantized_activations_is_refused_for_onnxruntime(tmp
     assert not list(tmp_path.iterdir())
     report = export_qdq_onnx(model, partial, PX, tmp_path / "b.onnx", target="tensorrt", metadata=META)
     assert convs[-1] in report["float_layers"]
+
+
+def test_float_stem_may_run_fp32_in_a_tensorrt_int8_engine(tmp_path):
+    """A Q/DQ file whose stem is float (no calibration entry): its Conv keeps float weights, and the
+    engine check lets exactly that layer run FP32 (TensorRT 11 networks are strongly typed)."""
+    model = _tiny_classifier()
+    calibration = collect_calibration(fold_batchnorm(model), ArraySource(_images(4, 1), 2), "minmax")
+    float_stem = Calibration({}, "minmax", "", tuple(t for t in calibration.tensors if t.module != "trunk.blocks.0.0"))
+    report = export_qdq_onnx(model, float_stem, PX, tmp_path / "trt.int8.onnx", target="tensorrt", metadata=META)
+    assert "trunk.blocks.0.0" in report["float_layers"]
+    qdq = onnx.load(str(tmp_path / "trt.int8.onnx"))
+    convs = [node.name for node in qdq.graph.node if node.op_type == "Conv"]
+    assert float_convolutions(qdq) == (convs[0],)  # the stem, first in graph order; the rest read DequantizeLinear
+    int8 = "Thirty-two wide channel vectorized row major Int8 format"
+    engine = {"Layers": [
+        {"Name": f"{convs[0]} + /trunk/blocks/blocks.0/blocks.0.2/Clip", "LayerType": "CaskConvolution",
+         "ParameterType": "Convolution", "Inputs": [{"Format/Datatype": "Row major linear FP32"}]},
+        *({"Name": name, "LayerType": "CaskConvolution", "ParameterType": "Convolution",
+           "Inputs": [{"Format/Datatype": int8}]} for name in convs[1:])]}
+    assert check_precision(engine, "int8", float_convolutions(qdq)) == {"fp32": 1, "int8": len(convs) - 1}
+    with pytest.raises(ArtifactError, match="dropped the requested int8"):
+        check_precision(engine, "int8")
 
 
 def test_tensorrt_cache_from_calibration(tmp_path):
