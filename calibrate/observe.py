@@ -3,8 +3,8 @@
 :func:`quantization_plan` is the rule the NNI quantizer (:mod:`edge_tl.quantize`) follows: every
 Conv2d/Linear gets its input and weight quantized, and its output too unless the only consumer
 re-quantizes it. Modules named in ``float_modules`` (normally :func:`output_layers`, the
-classifier head, and :func:`input_layers`, the stem) are left out entirely: calibration.json then has no entry for them and the Q/DQ
-export keeps them float (calibrate/FORMAT.md).
+classifier head, and :func:`input_layers`, the stem) are left out entirely: calibration.json then
+has no entry for them and the Q/DQ export keeps them float (calibrate/FORMAT.md).
 
 :func:`collect_calibration` is a plain-PyTorch calibrator (no NNI) over a calibration source: the
 reference the NNI quantizer's ranges can be checked against, and a quick way to make a

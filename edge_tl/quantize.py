@@ -107,7 +107,8 @@ def validate_config(cfg: QuantizeConfig) -> None:
     if not isinstance(cfg.float_head, bool):
         raise ConfigError(f"float_head {cfg.float_head!r} must be true or false (true keeps the classifier head float)")
     if not isinstance(cfg.float_stem, bool):
-        raise ConfigError(f"float_stem {cfg.float_stem!r} must be true or false (true keeps the stem convolution float)")
+        raise ConfigError(f"float_stem {cfg.float_stem!r} must be true or false "
+                          "(true keeps the stem convolution float)")
     if not isinstance(cfg.refit_head, bool):
         raise ConfigError(f"refit_head {cfg.refit_head!r} must be true or false (true refits the float head after PTQ)")
     if not isinstance(cfg.reconstruct, bool):
