@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 METHODS = ("contribution", "l1", "l2", "fpgm", "taylor")
 SPEC_FORMAT = "edge-tl-shape-spec/1"
-MAX_CALIBRATION_IMAGES = 128
 PROBE_IMG_SIZE = 32
 
 
@@ -165,8 +164,8 @@ def prune_model(
     """A physically smaller copy of ``model`` and its shape spec; ``model`` is not changed.
 
     ``sparsity`` is the share of each expansion conv's channels removed (``sparsity_per_block``
-    overrides it per trunk block index). ``calibration_batches`` (images, or (images, labels); the
-    first 128 images are used) re-solve the trunk's convs against the parent; ``training_batches``
+    overrides it per trunk block index). ``calibration_batches`` (images, or (images, labels); all
+    of them) rank channels and re-solve the trunk's convs against the parent; ``training_batches``
     (labelled) feed the taylor method's gradients.
     The spec holds, for every conv/bn/linear whose shape changed, its new channel counts.
     """
@@ -304,14 +303,10 @@ def _check_pruned(model: nn.Module, plan: dict[PruneGroup, int], before: dict[st
 
 
 def _calibration_images(batches: Iterable) -> torch.Tensor:
-    images, count = [], 0
-    for batch in batches:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        images.append(x.float()[: MAX_CALIBRATION_IMAGES - count])
-        count += len(images[-1])
-        if count >= MAX_CALIBRATION_IMAGES:
-            break
-    if not count:
+    """Every image of ``batches`` (the caller picks how many: PruneConfig.calibration_images)."""
+    images = [batch[0] if isinstance(batch, (tuple, list)) else batch for batch in batches]
+    images = [x.float() for x in images if len(x)]
+    if not images:
         raise ConfigError("calibration_batches yielded no image; pass at least one batch of training images")
     return torch.cat(images)
 
