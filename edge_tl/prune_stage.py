@@ -40,7 +40,7 @@ class PruneConfig:
     distill: bool = True
     lr: float = 1e-4
     batch_size: int = 32
-    calibration_images: int = 512  # re-solving the trunk on magnetic-tile: 64 images 0.908, 128 0.926, 512 0.929
+    calibration_images: int = 128  # re-solving the trunk on magnetic-tile: 64 images 0.908, 128 0.926, 512 0.929 (noise)
     latency_runs: int = 50
     require_speedup: bool = False
     refit_head: bool = True  # refit the head on the pruned trunk's features before recovery
