@@ -331,6 +331,17 @@ def test_default_float_stem_stays_float_through_the_onnx_export(float_stem_ptq, 
     assert np.mean(np.abs(got - simulated)) < 0.5 * np.mean(np.abs(got - float_logits))
 
 
+def test_cli_int8_stem_quantizes_the_stem_like_the_python_setting(run_dir, ptq, tmp_path):
+    from edge_tl.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["quantize", str(run), "--int8-stem", "--no-reconstruct"]) == 0
+    calibration = read_calibration(run / "quantized/float/calibration.json")
+    assert calibration.float_modules == ("head",)
+    assert calibration.tensors == read_calibration(ptq[1].calibration_path).tensors  # float_stem=False
+
+
 def test_percentile_ranges_clip_at_the_percentile_of_the_same_activations(narrow_ptq, calibration_inputs):
     run, result = narrow_ptq
     tensor = read_calibration(result.calibration_path).get("trunk.blocks.2.body.0", "input")
