@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from calibrate.calibration_file import Calibration, CalibrationTensor
-from calibrate.observe import collect_calibration, output_layers
+from calibrate.observe import collect_calibration, input_layers, output_layers
 from calibrate.ranges import asymmetric_uint8
 from calibrate.sources import ArraySource
 from calibrate.tensorrt_cache import read_calibration_cache
@@ -504,3 +504,20 @@ def test_build_engine_needs_tensorrt(tmp_path):
     export_onnx(_tiny_classifier(), PX, path, metadata=META)
     manifest = build_engine(path, tmp_path / "tiny.fp16.engine", "fp16", PX)
     assert manifest["precision"] == "fp16" and manifest["convolution_input_types"].get("fp32", 0) == 0
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"])
+def test_other_backbones_export_int8_with_a_float_stem_and_head(name, tmp_path):
+    """Hardswish, squeeze-excitation and SiLU trunks: with the stem and head left out of the
+    calibration (edge-tl quantize's default), ONNX Runtime runs one float Conv and fuses every
+    other convolution into QLinearConv."""
+    torch.manual_seed(0)
+    model = build_model(name, 3, PX, pretrained=False).eval()
+    folded = fold_batchnorm(model)
+    images = torch.randn(8, 3, PX, PX)
+    calibration = collect_calibration(folded, ArraySource(images.numpy(), 4), "minmax",
+                                      float_modules=(*input_layers(folded), *output_layers(folded)))
+    report = export_qdq_onnx(model, calibration, PX, tmp_path / "m.onnx", metadata=META)
+    assert report["float_layers"] == ["head", "trunk.blocks.0.0"]
+    assert report["ort_ops"]["Conv"] == 1 and report["ort_ops"]["QLinearConv"] == report["quantized_weights"]
+    assert ort_session(str(tmp_path / "m.onnx")).run(None, {"input": images.numpy()})[0].shape == (8, 3)
