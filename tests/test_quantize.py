@@ -148,6 +148,19 @@ def _simulated_balanced_accuracy(folded: torch.nn.Module, run_dir) -> float:
     return classification_metrics(labels, predictions, run_info["classes"])["balanced_accuracy"]
 
 
+def _assert_onnx_follows_the_fake_quantized_model(run_dir, onnx_path, folded: torch.nn.Module) -> None:
+    """The INT8 ONNX in ONNX Runtime against the plain-torch simulation of calibration.json: not
+    bit-exact (ONNX Runtime quantizes the last conv after its ReLU6 and rounds biases to int32;
+    measured on these 8 images: 8/8 agree, mean |ONNX - fake-quant| 0.13 against 0.56 to float)."""
+    images, _, _ = _val_images(run_dir)
+    simulated = _simulated_logits(copy.deepcopy(folded), run_dir, images).numpy()
+    with torch.no_grad():
+        float_logits = folded(images).numpy()
+    got = ort_session(onnx_path).run(None, {"input": images.numpy()})[0]
+    assert np.mean(got.argmax(1) == simulated.argmax(1)) >= 0.85
+    assert np.mean(np.abs(got - simulated)) < 0.5 * np.mean(np.abs(got - float_logits))
+
+
 def test_invalid_settings_fail_before_any_work(tmp_path):
     for cfg, word in ((QuantizeConfig(mode="int4"), "int4"), (QuantizeConfig(method="mse"), "mse"),
                       (QuantizeConfig(stage="sparse"), "sparse"), (QuantizeConfig(calib_images=0), "0"),
@@ -291,15 +304,7 @@ def test_onnx_int8_follows_the_fake_quantized_model_with_a_float_head(ptq, folde
     assert manifest["int8"]["float_layers"] == ["head"] and manifest["calibration"]["float_modules"] == ["head"]
     assert ops.get("QLinearConv") == manifest["int8"]["quantized_weights"] == 49  # the whole trunk fuses
     assert ops.get("Gemm") == 1 and "QGemm" not in ops
-    images, _, _ = _val_images(run)
-    simulated = _simulated_logits(copy.deepcopy(folded_float), run, images).numpy()
-    with torch.no_grad():
-        float_logits = folded_float(images).numpy()
-    got = ort_session(manifest["path"]).run(None, {"input": images.numpy()})[0]
-    # not bit-exact: ONNX Runtime quantizes the last conv after its ReLU6 and rounds biases to int32.
-    # Measured on these 8 images: 8/8 agree, mean |ONNX - fake-quant| 0.13 against 0.56 to float.
-    assert np.mean(got.argmax(1) == simulated.argmax(1)) >= 0.85
-    assert np.mean(np.abs(got - simulated)) < 0.5 * np.mean(np.abs(got - float_logits))
+    _assert_onnx_follows_the_fake_quantized_model(run, manifest["path"], folded_float)
 
 
 @pytest.fixture(scope="module")
@@ -322,13 +327,7 @@ def test_default_float_stem_stays_float_through_the_onnx_export(float_stem_ptq, 
     ops = manifest["int8"]["ort_ops"]
     assert manifest["int8"]["float_layers"] == ["head", "trunk.blocks.0.0"]
     assert ops.get("QLinearConv") == manifest["int8"]["quantized_weights"] == 48 and ops.get("Conv") == 1
-    images, _, _ = _val_images(run)
-    simulated = _simulated_logits(copy.deepcopy(folded_float), run, images).numpy()
-    with torch.no_grad():
-        float_logits = folded_float(images).numpy()
-    got = ort_session(manifest["path"]).run(None, {"input": images.numpy()})[0]
-    assert np.mean(got.argmax(1) == simulated.argmax(1)) >= 0.85
-    assert np.mean(np.abs(got - simulated)) < 0.5 * np.mean(np.abs(got - float_logits))
+    _assert_onnx_follows_the_fake_quantized_model(run, manifest["path"], folded_float)
 
 
 def test_cli_int8_stem_quantizes_the_stem_like_the_python_setting(run_dir, ptq, tmp_path):
