@@ -11,9 +11,10 @@ The demo folder holds a marker file; a folder that is neither new, empty nor mar
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from edge_tl.artifacts import atomic_write_text
 from edge_tl.errors import ArtifactError
