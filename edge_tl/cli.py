@@ -63,15 +63,19 @@ def _finetune_config(**kwargs):
 @click.option("--no-pretrained", is_flag=True, help="Start from random weights (testing only).")
 @click.option("--no-cache", is_flag=True, help="Run the trunk every epoch instead of caching its features.")
 @click.option("--strict", is_flag=True, help="Unreadable images are an error instead of a warning.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu or cuda: where the frozen-trunk passes run (auto: a CUDA GPU if PyTorch sees one); "
+                   "training stays on the CPU.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
 def finetune(data_dir, out, backbone, img_size, epochs, unfreeze, ok_class, seed, weights, no_pretrained,
-             no_cache, strict, force):
+             no_cache, strict, device, force):
     """Fine-tune a pretrained backbone with its trunk frozen on an ImageFolder DATA_DIR."""
     from edge_tl.finetune import finetune as run_finetune
 
     cfg = _finetune_config(backbone=backbone, img_size=img_size, epochs=epochs, unfreeze=unfreeze,
                            ok_class=ok_class, seed=seed, weights=str(weights) if weights else None,
-                           pretrained=not no_pretrained, cache_features=not no_cache, strict=strict)
+                           pretrained=not no_pretrained, cache_features=not no_cache, strict=strict,
+                           device=device)
     result = run_finetune(data_dir, out, cfg, force=force)
     console.print(metrics_table(result.metrics, f"validation metrics ({out})"))
     console.print(f"finetune took {result.seconds_total:.1f} s; wrote {out}/model.safetensors, run.json, metrics.json")
@@ -82,11 +86,13 @@ def finetune(data_dir, out, backbone, img_size, epochs, unfreeze, ok_class, seed
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Metrics file (default RUN_DIR/evaluation.json).")
-def evaluate(run_dir, data_dir, out):
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu or cuda: where the predictions run (auto: a CUDA GPU if PyTorch sees one).")
+def evaluate(run_dir, data_dir, out, device):
     """Evaluate a fine-tuned RUN_DIR on another DATA_DIR with the same classes."""
     from edge_tl.finetune import evaluate as run_evaluate
 
-    metrics = run_evaluate(run_dir, data_dir, out)
+    metrics = run_evaluate(run_dir, data_dir, out, device)
     console.print(metrics_table(metrics, f"evaluation on {data_dir}"))
 
 

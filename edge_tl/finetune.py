@@ -31,6 +31,7 @@ from edge_tl.artifacts import (
     staged_run_dir,
 )
 from edge_tl.backbones import BackboneSpec, build_model, get_backbone
+from edge_tl.device import CPU, describe_device, placed, resolve_device
 from edge_tl.head import DEFAULT_HEAD_L2, Standardize, fold_standardization, lbfgs_epoch, trunk_features
 from edge_tl.errors import ArtifactError, ConfigError, DatasetError
 from edge_tl.metrics import classification_metrics, resolve_ok_class
@@ -63,6 +64,7 @@ class FinetuneConfig:
     pretrained: bool = True
     weights: str | None = None
     strict: bool = False
+    device: str = "auto"  # where frozen-trunk passes run: auto (a CUDA GPU if PyTorch sees one), cpu, cuda
 
     def resolved_img_size(self, spec: BackboneSpec) -> int:
         return self.img_size or spec.default_img_size
@@ -87,6 +89,7 @@ def validate_inputs(data_dir: Path, out: Path | None, cfg: FinetuneConfig, force
         raise ConfigError(f"validation fraction {cfg.val_fraction} must lie strictly between 0 and 1")
     if cfg.augmented_views < 0:
         raise ConfigError(f"augmented views {cfg.augmented_views} must be 0 or more")
+    resolve_device(cfg.device)
     if out is not None:
         check_new_run_dir(out, force)
     scan = data_mod.scan_image_folder(data_dir, strict=cfg.strict)
@@ -155,17 +158,18 @@ def _image_views(record, cfg_img_size: int, spec: BackboneSpec, views: int, rng:
 
 
 @torch.inference_mode()
-def cache_features(prefix, records, img_size: int, spec: BackboneSpec, views: int, seed: int,
-                   batch_size: int = 32, description: str = "caching trunk features") -> torch.Tensor:
-    """Run the frozen prefix over every record's views once: a tensor (views + 1, N, ...)."""
+def cache_features(prefix: nn.Module, records, img_size: int, spec: BackboneSpec, views: int, seed: int,
+                   batch_size: int = 32, description: str = "caching trunk features",
+                   device: torch.device = CPU) -> torch.Tensor:
+    """Run the frozen prefix over every record's views once, on ``device``: a CPU tensor (views + 1, N, ...)."""
     rng = np.random.default_rng(seed)
     per_view: list[list[torch.Tensor]] = [[] for _ in range(views + 1)]
-    with progress_bar(description, total=len(records)) as advance:
+    with progress_bar(description, total=len(records)) as advance, placed(prefix, device):
         for chunk in _batched(list(records), batch_size):
             stacked = [_image_views(record, img_size, spec, views, rng) for record in chunk]
             for view in range(views + 1):
                 batch = torch.from_numpy(np.stack([item[view] for item in stacked]))
-                features = prefix(batch)
+                features = prefix(batch.to(device)).cpu()
                 per_view[view].append(features.half() if features.dim() > 2 else features)
             advance(len(chunk))
     return torch.stack([torch.cat(parts) for parts in per_view])
@@ -173,14 +177,15 @@ def cache_features(prefix, records, img_size: int, spec: BackboneSpec, views: in
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, records, img_size: int, spec_mean, spec_std, batch_size: int = 32,
-                   description: str = "predicting") -> np.ndarray:
-    """Logits of the model for the plain view of every record (the preprocessing every stage shares)."""
+                   description: str = "predicting", device: torch.device = CPU) -> np.ndarray:
+    """Logits of the model for the plain view of every record (the preprocessing every stage shares),
+    computed on ``device``."""
     model.eval()
     outputs = []
-    with progress_bar(description, total=len(records)) as advance:
+    with progress_bar(description, total=len(records)) as advance, placed(model, device):
         for chunk in _batched(list(records), batch_size):
             batch = np.stack([data_mod.preprocess(data_mod.load_image(r.path), img_size, spec_mean, spec_std) for r in chunk])
-            outputs.append(model(torch.from_numpy(batch)).float().numpy())
+            outputs.append(model(torch.from_numpy(batch).to(device)).float().cpu().numpy())
             advance(len(chunk))
     return np.concatenate(outputs)
 
@@ -218,23 +223,26 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
 
     full_batch = cfg.unfreeze == 0
     prefix = frozen_prefix(model, cfg.unfreeze)
+    device = resolve_device(cfg.device)
 
     def train_features(epoch: int) -> torch.Tensor:
         """Pooled features of every view of every training image: (views, N, D)."""
-        computed = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed + epoch)
+        computed = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed + epoch,
+                                  device=device)
         with torch.no_grad():
             return computed if not cfg.unfreeze else torch.stack([_pooled(tail, view) for view in computed])
 
     if cfg.cache_features:
-        train_cache = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed)
+        train_cache = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed,
+                                     device=device)
         val_cache = cache_features(prefix, val_records, img_size, spec, 0, cfg.seed,
-                                   description="caching validation features")[0]
+                                   description="caching validation features", device=device)[0]
         with torch.no_grad():
             pooled = torch.stack([_pooled(tail, view) for view in train_cache])
     else:
         pooled = None
     standardize = Standardize(pooled[0] if pooled is not None
-                               else trunk_features(model, train_records, img_size, spec.mean, spec.std))
+                               else trunk_features(model, train_records, img_size, spec.mean, spec.std, device=device))
     head_net = nn.Sequential(standardize, model.head)
     probe_targets = targets.repeat(views)
     lbfgs = torch.optim.LBFGS(model.head.parameters(), lr=1.0, max_iter=cfg.lbfgs_iterations,
@@ -259,7 +267,7 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
         with torch.inference_mode():
             if cfg.cache_features:
                 return torch.cat([head_net(_pooled(tail, chunk)) for chunk in torch.split(val_cache, 256)]).numpy()
-            features = trunk_features(model, val_records, img_size, spec.mean, spec.std)
+            features = trunk_features(model, val_records, img_size, spec.mean, spec.std, device=device)
             return head_net(features).numpy()
 
     history, best_state, best_key, stale, epoch_seconds = [], None, None, 0, []
@@ -329,7 +337,8 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
     model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,
                         weights=cfg.weights)
     history, seconds_per_epoch = train_head(model, train, val, scan.classes, spec, img_size, cfg)
-    logits = predict_logits(model, val, img_size, spec.mean, spec.std, description="evaluating")
+    device = resolve_device(cfg.device)
+    logits = predict_logits(model, val, img_size, spec.mean, spec.std, description="evaluating", device=device)
     metrics = classification_metrics([r.label for r in val], logits.argmax(1), scan.classes, cfg.ok_class)
     run_info = {
         "format": "edge-tl-run",
@@ -354,6 +363,7 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
         },
         "skipped_files": [str(path) for path, _ in scan.skipped],
         "config": asdict(cfg),
+        "trunk_device": describe_device(device),
         "history": history,
         "versions": _versions(),
     }
@@ -390,9 +400,10 @@ def run_records(run_info: dict, split: str = "val") -> list:
     return records
 
 
-def evaluate(run_dir: str | Path, data_dir: str | Path, out: str | Path | None = None) -> dict:
-    """Metrics of a fine-tuned run on another folder with the same classes."""
+def evaluate(run_dir: str | Path, data_dir: str | Path, out: str | Path | None = None, device: str = "auto") -> dict:
+    """Metrics of a fine-tuned run on another folder with the same classes (predictions on ``device``)."""
     run_dir = Path(run_dir)
+    torch_device = resolve_device(device)
     model, run_info = load_checkpoint(run_dir)
     scan = data_mod.scan_image_folder(data_dir)
     if list(scan.classes) != list(run_info["classes"]):
@@ -400,7 +411,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, out: str | Path | None =
             f"{data_dir} has classes {', '.join(scan.classes)} but the run was trained on "
             f"{', '.join(run_info['classes'])}; evaluate on a folder with the same class folders"
         )
-    logits = predict_logits(model, scan.records, run_info["img_size"], run_info["mean"], run_info["std"])
+    logits = predict_logits(model, scan.records, run_info["img_size"], run_info["mean"], run_info["std"],
+                            device=torch_device)
     metrics = classification_metrics([r.label for r in scan.records], logits.argmax(1), scan.classes,
                                      run_info.get("ok_class"))
     atomic_write_json(Path(out) if out else run_dir / "evaluation.json", metrics)

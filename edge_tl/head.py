@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from edge_tl import data as data_mod
+from edge_tl.device import CPU, placed
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,17 @@ def lbfgs_epoch(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor, 
 
 
 @torch.no_grad()
-def trunk_features(model: nn.Module, records, img_size: int, mean, std, batch_size: int = 32) -> torch.Tensor:
-    """``model.trunk`` on the plain view (the inference transform) of ``records``, in batches."""
+def trunk_features(model: nn.Module, records, img_size: int, mean, std, batch_size: int = 32,
+                   device: torch.device = CPU) -> torch.Tensor:
+    """``model.trunk`` on the plain view (the inference transform) of ``records``, in batches, run on
+    ``device``; the features come back on the CPU."""
     records = list(records)
-    return torch.cat([
-        model.trunk(torch.from_numpy(data_mod.load_tensor_batch(records[i:i + batch_size], img_size, mean, std)))
-        for i in range(0, len(records), batch_size)
-    ])
+    with placed(model.trunk, device) as trunk:
+        return torch.cat([
+            trunk(torch.from_numpy(data_mod.load_tensor_batch(records[i:i + batch_size], img_size, mean, std))
+                  .to(device)).cpu()
+            for i in range(0, len(records), batch_size)
+        ])
 
 
 def fit_linear_head(features: torch.Tensor, labels: np.ndarray, num_classes: int, l2: float,
