@@ -201,8 +201,9 @@ def _pooled(tail: _TrainableTail, cached: torch.Tensor) -> torch.Tensor:
 
 
 def train_head(model: nn.Module, train_records, val_records, classes, spec: BackboneSpec, img_size: int,
-               cfg: FinetuneConfig) -> tuple[list[dict], float]:
+               cfg: FinetuneConfig, device: torch.device = CPU) -> tuple[list[dict], float]:
     """Train the head (and the last ``cfg.unfreeze`` blocks); restore the best epoch in place.
+    Frozen-trunk passes run on ``device`` (``cfg.device`` resolved by the caller); training on the CPU.
 
     Cached with a frozen trunk, the head is a class-weighted, L2-regularised logistic regression
     on standardised features, fitted by full-batch L-BFGS over every cached view (an epoch is a
@@ -223,7 +224,6 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
 
     full_batch = cfg.unfreeze == 0
     prefix = frozen_prefix(model, cfg.unfreeze)
-    device = resolve_device(cfg.device)
 
     def train_features(epoch: int) -> torch.Tensor:
         """Pooled features of every view of every training image: (views, N, D)."""
@@ -336,8 +336,8 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
     train, val = data_mod.split_stratified(scan.records, cfg.val_fraction, cfg.seed)
     model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,
                         weights=cfg.weights)
-    history, seconds_per_epoch = train_head(model, train, val, scan.classes, spec, img_size, cfg)
     device = resolve_device(cfg.device)
+    history, seconds_per_epoch = train_head(model, train, val, scan.classes, spec, img_size, cfg, device)
     logits = predict_logits(model, val, img_size, spec.mean, spec.std, description="evaluating", device=device)
     metrics = classification_metrics([r.label for r in val], logits.argmax(1), scan.classes, cfg.ok_class)
     run_info = {

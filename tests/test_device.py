@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -65,8 +66,8 @@ def test_gpu_features_match_the_cpu_features(surface_dataset):
 @needs_cuda
 def test_finetune_on_the_gpu_matches_the_cpu_run(surface_dataset, tmp_path):
     cfg = FinetuneConfig(img_size=IMG, epochs=4, augmented_views=1, ok_class="ok", seed=0)
-    on_cpu = finetune(surface_dataset, tmp_path / "cpu", FinetuneConfig(**{**cfg.__dict__, "device": "cpu"}))
-    on_gpu = finetune(surface_dataset, tmp_path / "gpu", FinetuneConfig(**{**cfg.__dict__, "device": "cuda"}))
+    on_cpu = finetune(surface_dataset, tmp_path / "cpu", replace(cfg, device="cpu"))
+    on_gpu = finetune(surface_dataset, tmp_path / "gpu", replace(cfg, device="cuda"))
     run_info = json.loads((on_gpu.run_dir / "run.json").read_text())
     assert run_info["trunk_device"].startswith("cuda (") and run_info["config"]["device"] == "cuda"
     assert json.loads((on_cpu.run_dir / "run.json").read_text())["trunk_device"] == "cpu"
