@@ -58,6 +58,11 @@ def _finetune_config(**kwargs):
 @click.option("--epochs", type=int, default=None, help="Maximum head epochs (early stopping may end sooner).")
 @click.option("--unfreeze", type=int, default=0, show_default=True, help="Also train the last K trunk blocks.")
 @click.option("--ok-class", default=None, help="The good-part class; enables escape and false-reject rates.")
+@click.option("--max-escape", type=float, default=None,
+              help="Escape budget, e.g. 0.01: lower the ok class's logit until at most this share of the training "
+                   "split's defects (out of fold) is passed as good. Needs --ok-class.")
+@click.option("--augmented-views", type=int, default=None,
+              help="Augmented views cached per training image besides the plain view (default 4).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file.")
 @click.option("--no-pretrained", is_flag=True, help="Start from random weights (testing only).")
@@ -67,15 +72,15 @@ def _finetune_config(**kwargs):
               help="auto, cpu or cuda: where the frozen-trunk passes run (auto: a CUDA GPU if PyTorch sees one); "
                    "training stays on the CPU.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
-def finetune(data_dir, out, backbone, img_size, epochs, unfreeze, ok_class, seed, weights, no_pretrained,
-             no_cache, strict, device, force):
+def finetune(data_dir, out, backbone, img_size, epochs, unfreeze, ok_class, max_escape, augmented_views, seed, weights,
+             no_pretrained, no_cache, strict, device, force):
     """Fine-tune a pretrained backbone with its trunk frozen on an ImageFolder DATA_DIR."""
     from edge_tl.finetune import finetune as run_finetune
 
     cfg = _finetune_config(backbone=backbone, img_size=img_size, epochs=epochs, unfreeze=unfreeze,
-                           ok_class=ok_class, seed=seed, weights=str(weights) if weights else None,
-                           pretrained=not no_pretrained, cache_features=not no_cache, strict=strict,
-                           device=device)
+                           ok_class=ok_class, max_escape=max_escape, augmented_views=augmented_views, seed=seed,
+                           weights=str(weights) if weights else None, pretrained=not no_pretrained,
+                           cache_features=not no_cache, strict=strict, device=device)
     result = run_finetune(data_dir, out, cfg, force=force)
     console.print(metrics_table(result.metrics, f"validation metrics ({out})"))
     console.print(f"finetune took {result.seconds_total:.1f} s; wrote {out}/model.safetensors, run.json, metrics.json")
@@ -94,6 +99,48 @@ def evaluate(run_dir, data_dir, out, device):
 
     metrics = run_evaluate(run_dir, data_dir, out, device)
     console.print(metrics_table(metrics, f"evaluation on {data_dir}"))
+
+
+@cli.command(name="cv")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--folds", type=int, default=5, show_default=True, help="Number of stratified folds.")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--img-size", type=int, default=None, help="Input size in pixels (default: the backbone's).")
+@click.option("--ok-class", default=None, help="The good-part class; enables escape and false-reject rates.")
+@click.option("--augmented-views", type=int, default=None,
+              help="Augmented views cached per image besides the plain view (default: as finetune).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file.")
+@click.option("--strict", is_flag=True, help="Unreadable images are an error instead of a warning.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda: where the trunk passes run.")
+def cross_validate(data_dir, folds, out, backbone, img_size, ok_class, augmented_views, seed, weights, strict, device):
+    """Cross-validate finetune's frozen-trunk head on DATA_DIR: every image scored once, out of fold."""
+    from edge_tl.crossval import cross_validate as run_cross_validation
+
+    cfg = _finetune_config(backbone=backbone, img_size=img_size, ok_class=ok_class, seed=seed,
+                           augmented_views=augmented_views, weights=str(weights) if weights else None, strict=strict,
+                           device=device)
+    result = run_cross_validation(data_dir, cfg, folds, out)
+    console.print(metrics_table(result["pooled"], f"{folds}-fold cross-validation, out-of-fold predictions ({data_dir})"))
+    table = Table(title="per fold")
+    table.add_column("metric")
+    for row in result["per_fold"]:
+        table.add_column(f"fold {row['fold']}", justify="right")
+    table.add_column("mean +- std", justify="right")
+    for key, mean in result["mean"].items():
+        table.add_row(key, *[f"{row[key]:.4f}" for row in result["per_fold"]], f"{mean:.4f} +- {result['std'][key]:.4f}")
+    console.print(table)
+    if result.get("operating_points"):
+        points = Table(title="escape budget (finetune --max-escape): out-of-fold cost")
+        for column in ("max escape", "ok-logit shift", "escape rate", "false reject rate", "balanced acc."):
+            points.add_column(column, justify="right")
+        for point in result["operating_points"]:
+            points.add_row(f"{point['max_escape']:.2f}", f"{point['ok_logit_shift']:.3f}", f"{point['escape_rate']:.4f}",
+                           f"{point['false_reject_rate']:.4f}", f"{point['balanced_accuracy']:.4f}")
+        console.print(points)
+    console.print(f"{len(result['errors'])} of {result['pooled']['num_samples']} images misclassified out of fold; "
+                  f"cross-validation took {result['seconds_total']:.1f} s" + (f"; wrote {out}" if out else ""))
 
 
 def _print_json_summary(title: str, values: dict, keys: tuple[str, ...]) -> None:

@@ -65,6 +65,7 @@ class FinetuneConfig:
     weights: str | None = None
     strict: bool = False
     device: str = "auto"  # where frozen-trunk passes run: auto (a CUDA GPU if PyTorch sees one), cpu, cuda
+    max_escape: float | None = None  # escape budget: lower the ok logit until out-of-fold escapes <= this share
 
     def resolved_img_size(self, spec: BackboneSpec) -> int:
         return self.img_size or spec.default_img_size
@@ -90,6 +91,10 @@ def validate_inputs(data_dir: Path, out: Path | None, cfg: FinetuneConfig, force
     if cfg.augmented_views < 0:
         raise ConfigError(f"augmented views {cfg.augmented_views} must be 0 or more")
     resolve_device(cfg.device)
+    if cfg.max_escape is not None and not 0.0 <= cfg.max_escape < 1.0:
+        raise ConfigError(f"--max-escape {cfg.max_escape} must lie in [0, 1), e.g. 0.01 for at most 1% of defects passed")
+    if cfg.max_escape is not None and cfg.ok_class is None:
+        raise ConfigError("--max-escape needs --ok-class: name the good-part class whose logit it lowers")
     if out is not None:
         check_new_run_dir(out, force)
     scan = data_mod.scan_image_folder(data_dir, strict=cfg.strict)
@@ -201,7 +206,7 @@ def _pooled(tail: _TrainableTail, cached: torch.Tensor) -> torch.Tensor:
 
 
 def train_head(model: nn.Module, train_records, val_records, classes, spec: BackboneSpec, img_size: int,
-               cfg: FinetuneConfig, device: torch.device = CPU) -> tuple[list[dict], float]:
+               cfg: FinetuneConfig, device: torch.device = CPU) -> tuple[list[dict], float, torch.Tensor | None]:
     """Train the head (and the last ``cfg.unfreeze`` blocks); restore the best epoch in place.
     Frozen-trunk passes run on ``device`` (``cfg.device`` resolved by the caller); training on the CPU.
 
@@ -209,7 +214,8 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
     on standardised features, fitted by full-batch L-BFGS over every cached view (an epoch is a
     fixed number of L-BFGS iterations). Uncached, or with unfrozen blocks, training is minibatch
     AdamW; with unfrozen blocks the head starts from that L-BFGS fit (linear probe, then fine-tune).
-    Returns the per-epoch history and the mean seconds per training epoch (excluding caching).
+    Returns the per-epoch history, the mean seconds per training epoch (excluding caching) and, for a
+    cached frozen trunk, the cached training features (views, N, D) the head was fitted on (else None).
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -315,7 +321,7 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
     model.load_state_dict(best_state)
     fold_standardization(model.head, standardize)
     model.eval()
-    return history, float(np.mean(epoch_seconds))
+    return history, float(np.mean(epoch_seconds)), (pooled if full_batch and cfg.cache_features else None)
 
 
 def _versions() -> dict:
@@ -337,7 +343,12 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
     model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,
                         weights=cfg.weights)
     device = resolve_device(cfg.device)
-    history, seconds_per_epoch = train_head(model, train, val, scan.classes, spec, img_size, cfg, device)
+    history, seconds_per_epoch, train_views = train_head(model, train, val, scan.classes, spec, img_size, cfg, device)
+    operating_point = None
+    if cfg.max_escape is not None:
+        from edge_tl.crossval import fit_operating_point
+
+        operating_point = fit_operating_point(model, train, train_views, scan.classes, spec, img_size, cfg, device)
     logits = predict_logits(model, val, img_size, spec.mean, spec.std, description="evaluating", device=device)
     metrics = classification_metrics([r.label for r in val], logits.argmax(1), scan.classes, cfg.ok_class)
     run_info = {
@@ -364,6 +375,7 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
         "skipped_files": [str(path) for path, _ in scan.skipped],
         "config": asdict(cfg),
         "trunk_device": describe_device(device),
+        "operating_point": operating_point,
         "history": history,
         "versions": _versions(),
     }

@@ -73,12 +73,14 @@ def trunk_features(model: nn.Module, records, img_size: int, mean, std, batch_si
 
 
 def fit_linear_head(features: torch.Tensor, labels: np.ndarray, num_classes: int, l2: float,
-                    iterations: int = 200, seed: int = 0) -> nn.Linear:
+                    iterations: int = 200, seed: int = 0, statistics: torch.Tensor | None = None) -> nn.Linear:
     """The deployed head for fixed ``features``: a class-weighted, L2-regularised logistic regression
-    on standardised features, fitted by full-batch L-BFGS, folded into one plain nn.Linear."""
+    on standardised features, fitted by full-batch L-BFGS, folded into one plain nn.Linear.
+    ``statistics`` (default ``features``) are the features the standardisation is measured on:
+    fine-tuning measures it on the plain view even when augmented views join the fit."""
     torch.manual_seed(seed)
     features = features.float()
-    standardize = Standardize(features)
+    standardize = Standardize(features if statistics is None else statistics.float())
     head = nn.Linear(features.shape[1], num_classes)
     weights = torch.as_tensor(data_mod.class_weights(labels, num_classes), dtype=torch.float32)
     optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=iterations, history_size=20,
@@ -104,6 +106,11 @@ def refit_head(model: nn.Module, run_info: dict, evaluate: Callable[[nn.Module],
     features = trunk_features(model, train, run_info["img_size"], run_info["mean"], run_info["std"])
     l2 = float(run_info.get("config", {}).get("head_l2", DEFAULT_HEAD_L2))
     head = fit_linear_head(features, np.array([r.label for r in train]), len(run_info["classes"]), l2)
+    point = run_info.get("operating_point")
+    if point:  # the run's escape budget: its ok-logit shift applies to the refitted head as well
+        from edge_tl.crossval import apply_ok_shift
+
+        apply_ok_shift(head, run_info["classes"].index(run_info["ok_class"]), point["ok_logit_shift"])
     previous = copy.deepcopy(model.head.state_dict())
     model.head.load_state_dict(head.state_dict())
     refit = evaluate(model)

@@ -1,0 +1,140 @@
+"""Cross-validation of the frozen-trunk head and the escape-budget operating point, on generated images."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edge_tl.cli import main
+from edge_tl.backbones import get_backbone
+from edge_tl.crossval import (
+    cross_validate,
+    fit_operating_point,
+    ok_logit_shift,
+    out_of_fold_logits,
+    stratified_folds,
+)
+from edge_tl.errors import ConfigError
+from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint, predict_logits, run_records
+from edge_tl.head import fit_linear_head
+from edge_tl.synthetic import make_surface_dataset
+
+IMG = 64
+CFG = FinetuneConfig(img_size=IMG, epochs=8, augmented_views=1, ok_class="ok", seed=0)
+
+
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory):
+    return make_surface_dataset(tmp_path_factory.mktemp("cv") / "data", images_per_class=24, img_size=IMG)
+
+
+def test_stratified_folds_spread_every_class_evenly_and_are_seeded():
+    labels = np.array([0] * 10 + [1] * 7 + [2] * 3)
+    folds = stratified_folds(labels, 3, seed=0)
+    for label, count in ((0, 10), (1, 7), (2, 3)):
+        per_fold = np.bincount(folds[labels == label], minlength=3)
+        assert per_fold.sum() == count and per_fold.max() - per_fold.min() <= 1
+    assert np.array_equal(folds, stratified_folds(labels, 3, seed=0))
+    assert not np.array_equal(folds, stratified_folds(labels, 3, seed=1))
+
+
+def test_ok_logit_shift_is_the_smallest_that_meets_the_budget():
+    rng = np.random.default_rng(0)
+    labels = np.array([1] * 50 + [0] * 40 + [2] * 10)  # class 1 is ok
+    logits = rng.normal(size=(100, 3)).astype(np.float32)
+
+    def escapes(shift):
+        shifted = logits.copy()
+        shifted[:, 1] -= shift
+        return int(np.sum(shifted[labels != 1].argmax(1) == 1))
+
+    assert escapes(0.0) > 2  # random logits pass many defects as good
+    for budget, allowed in ((0.0, 0), (0.04, 2), (0.2, 10)):
+        shift = ok_logit_shift(logits, labels, 1, budget)
+        assert escapes(shift) <= allowed
+        assert shift == 0.0 or escapes(shift - 2e-4) > allowed  # any smaller shift breaks the budget
+    assert ok_logit_shift(logits, labels, 1, 0.99) == 0.0 or escapes(0.0) > 0.99 * 50
+
+
+def test_out_of_fold_logits_never_see_the_scored_sample():
+    """Features that are pure noise: a head fitted on every sample memorises them, out of fold is chance."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)
+    noise = torch.from_numpy(rng.normal(size=(1, 120, 256)).astype(np.float32))
+    folds = stratified_folds(labels, 5, seed=0)
+    in_sample = fit_linear_head(noise[0], labels, 4, l2=1e-4, iterations=100)
+    with torch.no_grad():
+        assert np.mean(in_sample(noise[0]).argmax(1).numpy() == labels) > 0.95
+    oof = out_of_fold_logits(noise, labels, 4, folds, l2=1e-4, iterations=100)
+    assert oof.shape == (120, 4) and np.mean(oof.argmax(1) == labels) < 0.45  # chance is 0.25
+    separable = noise[:, :, :16].clone()  # the same call on features that carry the label learns it
+    separable[0, :, :4] += torch.from_numpy(np.eye(4, dtype=np.float32)[labels] * 4)
+    assert np.mean(out_of_fold_logits(separable, labels, 4, folds, 1e-4, 100).argmax(1) == labels) > 0.95
+
+
+def test_cross_validate_scores_every_image_once(textures, tmp_path):
+    out = tmp_path / "cv.json"
+    result = cross_validate(textures, CFG, folds=4, out=out)
+    assert json.loads(out.read_text())["pooled"] == result["pooled"]
+    pooled = result["pooled"]
+    matrix = np.array(pooled["confusion_matrix"])
+    assert pooled["num_samples"] == matrix.sum() == 96
+    assert sum(row["num_samples"] for row in result["per_fold"]) == 96 and len(result["per_fold"]) == 4
+    assert len(result["errors"]) == 96 - np.trace(matrix)
+    assert pooled["balanced_accuracy"] >= 0.5  # pretrained trunk on 4 texture classes, chance 0.25
+    mean = np.mean([row["balanced_accuracy"] for row in result["per_fold"]])
+    assert result["mean"]["balanced_accuracy"] == pytest.approx(mean)
+    points = {point["max_escape"]: point for point in result["operating_points"]}
+    assert points[0.0]["escape_rate"] == 0.0
+    assert points[0.0]["false_reject_rate"] >= points[0.05]["false_reject_rate"]
+    assert points[0.05]["escape_rate"] <= 0.05
+
+
+def test_cross_validate_rejects_bad_settings_before_any_trunk_pass(textures):
+    with pytest.raises(ConfigError, match="fewer than --folds 30"):
+        cross_validate(textures, CFG, folds=30)
+    with pytest.raises(ConfigError, match="frozen-trunk head only"):
+        cross_validate(textures, FinetuneConfig(img_size=IMG, unfreeze=1), folds=3)
+
+
+def test_cli_cv_errors_are_one_line_with_exit_2(textures, capsys):
+    assert main(["cv", str(textures), "--folds", "1"]) == 2
+    assert main(["cv", str(textures), "--folds", "25"]) == 2
+    err = capsys.readouterr().err
+    assert "--folds 1 must be at least 2" in err and "lower --folds to 24" in err and "Traceback" not in err
+
+
+def test_max_escape_lowers_the_ok_logit_in_the_saved_head(textures, tmp_path):
+    """The shift is chosen out of fold on the training split, saved in the weights and recorded in run.json."""
+    plain = finetune(textures, tmp_path / "plain", CFG)
+    budget = finetune(textures, tmp_path / "budget", FinetuneConfig(**{**CFG.__dict__, "max_escape": 0.0}))
+    model, info = load_checkpoint(budget.run_dir)
+    point = info["operating_point"]
+    assert point["max_escape"] == 0.0 and point["escape_rate"] == 0.0 and point["ok_logit_shift"] > 0
+    # applied to the plain run's head, the same choice lowers exactly the ok bias by the shift it reports
+    plain_model, plain_info = load_checkpoint(plain.run_dir)
+    before = plain_model.head.bias.detach().clone()
+    spec = get_backbone(plain_info["backbone"])
+    again = fit_operating_point(plain_model, run_records(plain_info, "train"), None, plain_info["classes"], spec, IMG,
+                                FinetuneConfig(**{**CFG.__dict__, "max_escape": 0.0}), torch.device("cpu"))
+    ok = info["classes"].index("ok")
+    expected = before.clone()
+    expected[ok] -= again["ok_logit_shift"]
+    assert torch.allclose(plain_model.head.bias.detach(), expected) and again["escape_rate"] == 0.0
+    assert json.loads((plain.run_dir / "run.json").read_text())["operating_point"] is None
+    # validation escapes cannot rise when only the ok logit drops
+    assert budget.metrics["escape_rate"] <= plain.metrics["escape_rate"]
+    assert budget.metrics["false_reject_rate"] >= plain.metrics["false_reject_rate"]
+    val = run_records(info, "val")
+    logits = predict_logits(model, val, IMG, info["mean"], info["std"])
+    assert np.array_equal(np.array(budget.metrics["confusion_matrix"]).sum(0),
+                          np.bincount(logits.argmax(1), minlength=4))
+
+
+def test_max_escape_needs_an_ok_class(textures, tmp_path):
+    assert main(["finetune", str(textures), "--out", str(tmp_path / "r"), "--max-escape", "0.01"]) == 2
+    assert main(["finetune", str(textures), "--out", str(tmp_path / "r"), "--ok-class", "ok",
+                 "--max-escape", "1.5"]) == 2
+    assert not (tmp_path / "r").exists()
