@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from edge_tl.cli import main
 from edge_tl.backbones import get_backbone
+from edge_tl.cli import main
 from edge_tl.crossval import (
     cross_validate,
     fit_operating_point,
@@ -17,7 +17,13 @@ from edge_tl.crossval import (
     stratified_folds,
 )
 from edge_tl.errors import ConfigError
-from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint, predict_logits, run_records
+from edge_tl.finetune import (
+    FinetuneConfig,
+    finetune,
+    load_checkpoint,
+    predict_logits,
+    run_records,
+)
 from edge_tl.head import fit_linear_head
 from edge_tl.synthetic import make_surface_dataset
 
