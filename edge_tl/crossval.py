@@ -26,6 +26,7 @@ from edge_tl.artifacts import atomic_write_json
 from edge_tl.backbones import build_model
 from edge_tl.device import resolve_device
 from edge_tl.errors import ConfigError
+from edge_tl.features import cache_features
 from edge_tl.head import fit_linear_head
 from edge_tl.metrics import classification_metrics, resolve_ok_class
 
@@ -155,7 +156,7 @@ def cross_validate(data_dir: str | Path, cfg=None, folds: int = DEFAULT_FOLDS, o
     Returns the pooled out-of-fold metrics (``pooled``: the metrics.json keys over every image), the
     per-fold metrics with their mean and standard deviation, and the misclassified files.
     """
-    from edge_tl.finetune import FinetuneConfig, cache_features, validate_inputs
+    from edge_tl.finetune import FinetuneConfig, validate_inputs
 
     started = time.perf_counter()
     cfg = cfg or FinetuneConfig()

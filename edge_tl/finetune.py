@@ -31,9 +31,16 @@ from edge_tl.artifacts import (
     staged_run_dir,
 )
 from edge_tl.backbones import BackboneSpec, build_model, get_backbone
-from edge_tl.device import CPU, describe_device, placed, resolve_device
-from edge_tl.head import DEFAULT_HEAD_L2, Standardize, fold_standardization, lbfgs_epoch, trunk_features
+from edge_tl.device import CPU, describe_device, resolve_device
 from edge_tl.errors import ArtifactError, ConfigError, DatasetError
+from edge_tl.features import batched, cache_features, image_views, predict_logits
+from edge_tl.head import (
+    DEFAULT_HEAD_L2,
+    Standardize,
+    fold_standardization,
+    lbfgs_epoch,
+    trunk_features,
+)
 from edge_tl.metrics import classification_metrics, resolve_ok_class
 from edge_tl.progress import progress_bar
 
@@ -148,53 +155,6 @@ def frozen_prefix(model: nn.Module, unfreeze: int) -> Callable[[torch.Tensor], t
     return nn.Sequential(*blocks[: len(blocks) - unfreeze])
 
 
-def _batched(items: Sequence, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def _image_views(record, cfg_img_size: int, spec: BackboneSpec, views: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Plain view first, then ``views`` augmented views of one image, each preprocessed."""
-    image = data_mod.resize_image(data_mod.load_image(record.path), cfg_img_size)
-    out = [data_mod.preprocess(image, cfg_img_size, spec.mean, spec.std)]
-    for _ in range(views):
-        out.append(data_mod.preprocess(data_mod.augment(image, rng), cfg_img_size, spec.mean, spec.std))
-    return out
-
-
-@torch.inference_mode()
-def cache_features(prefix: nn.Module, records, img_size: int, spec: BackboneSpec, views: int, seed: int,
-                   batch_size: int = 32, description: str = "caching trunk features",
-                   device: torch.device = CPU) -> torch.Tensor:
-    """Run the frozen prefix over every record's views once, on ``device``: a CPU tensor (views + 1, N, ...)."""
-    rng = np.random.default_rng(seed)
-    per_view: list[list[torch.Tensor]] = [[] for _ in range(views + 1)]
-    with progress_bar(description, total=len(records)) as advance, placed(prefix, device):
-        for chunk in _batched(list(records), batch_size):
-            stacked = [_image_views(record, img_size, spec, views, rng) for record in chunk]
-            for view in range(views + 1):
-                batch = torch.from_numpy(np.stack([item[view] for item in stacked]))
-                features = prefix(batch.to(device)).cpu()
-                per_view[view].append(features.half() if features.dim() > 2 else features)
-            advance(len(chunk))
-    return torch.stack([torch.cat(parts) for parts in per_view])
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, records, img_size: int, spec_mean, spec_std, batch_size: int = 32,
-                   description: str = "predicting", device: torch.device = CPU) -> np.ndarray:
-    """Logits of the model for the plain view of every record (the preprocessing every stage shares),
-    computed on ``device``."""
-    model.eval()
-    outputs = []
-    with progress_bar(description, total=len(records)) as advance, placed(model, device):
-        for chunk in _batched(list(records), batch_size):
-            batch = np.stack([data_mod.preprocess(data_mod.load_image(r.path), img_size, spec_mean, spec_std) for r in chunk])
-            outputs.append(model(torch.from_numpy(batch).to(device)).float().cpu().numpy())
-            advance(len(chunk))
-    return np.concatenate(outputs)
-
-
 def _balanced_accuracy_of(logits: np.ndarray, labels: np.ndarray, classes) -> float:
     return classification_metrics(labels, logits.argmax(1), classes)["balanced_accuracy"]
 
@@ -288,12 +248,12 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
                                       cfg.label_smoothing, lbfgs)]
             else:
                 losses = []
-                for idx in _batched(rng.permutation(len(train_records)), cfg.batch_size):
+                for idx in batched(rng.permutation(len(train_records)), cfg.batch_size):
                     if cfg.cache_features:
                         view = torch.from_numpy(rng.integers(0, views, size=len(idx)))
                         features = _pooled(tail, train_cache[view, torch.from_numpy(idx)])
                     else:
-                        batch = np.stack([_image_views(train_records[i], img_size, spec, 1, rng)[1] for i in idx])
+                        batch = np.stack([image_views(train_records[i], img_size, spec, 1, rng)[1] for i in idx])
                         features = model.trunk(torch.from_numpy(batch))
                     loss = loss_fn(head_net(features), targets[idx])
                     optimizer.zero_grad()
