@@ -23,6 +23,7 @@ from _common import dataset_dir, report
 
 from edge_tl.artifacts import atomic_write_json, read_json
 from edge_tl.bench import benchmark_artifact
+from edge_tl.data import run_crop
 from edge_tl.pipeline import run_pipeline
 from edge_tl.recipe import load_recipe, with_ok_class
 from edge_tl.verify import artifact_predictions
@@ -43,7 +44,7 @@ def ort_static_baseline(run_dir: Path, calib_images: int) -> Path:
     out_dir.mkdir(exist_ok=True)
     out = out_dir / "model.float.ort-static-int8.onnx"
     source = ClassBalancedSource(run_records(run_info, "train"), calib_images, run_info["img_size"],
-                                 run_info["mean"], run_info["std"])
+                                 run_info["mean"], run_info["std"], crop=run_crop(run_info))
     staged = out_dir / ".ort-static.partial.onnx"
     quantize_static(str(fp32), str(staged), source)
     model = onnx.load(str(staged))

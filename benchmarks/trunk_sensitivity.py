@@ -23,7 +23,7 @@ import torch
 from _common import report
 from PIL import Image
 
-from edge_tl.data import load_image, load_tensor_batch, normalize, resize_image
+from edge_tl.data import load_image, load_tensor_batch, normalize, resize_image, run_crop
 from edge_tl.finetune import load_checkpoint, run_records
 from edge_tl.metrics import balanced_accuracy, confusion_matrix
 from edge_tl.recovery import _train_with_frozen_batchnorm
@@ -83,8 +83,8 @@ def main() -> None:
     size, mean, std, classes = info["img_size"], info["mean"], info["std"], info["classes"]
     train, val = run_records(info, "train"), run_records(info, "val")
     picked = [train[i] for i in np.random.default_rng(0).permutation(len(train))[: args.images]]
-    train_images = torch.from_numpy(load_tensor_batch(picked, size, mean, std))
-    val_resized = [resize_image(load_image(r.path), size) for r in val]
+    train_images = torch.from_numpy(load_tensor_batch(picked, size, mean, std, crop=run_crop(info)))
+    val_resized = [resize_image(load_image(r.path), size, run_crop(info)) for r in val]
     val_labels = np.array([r.label for r in val])
     val_images = torch.from_numpy(np.stack([normalize(image, mean, std) for image in val_resized]))
     batch_labels = torch.tensor([r.label for r in picked[:32]])

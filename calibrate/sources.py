@@ -113,6 +113,7 @@ class ClassBalancedSource:
         seed: int = 0,
         input_name: str = DEFAULT_INPUT_NAME,
         min_images: int = MIN_CALIBRATION_IMAGES,
+        crop: float = 1.0,
     ) -> None:
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ConfigError(f"number of calibration images {num_images!r} must be an integer >= 1, e.g. 256")
@@ -122,7 +123,7 @@ class ClassBalancedSource:
         if not labelled:
             raise DatasetError("no training images to calibrate with; the training split is empty")
         self.items = class_balanced_order(labelled, num_images, seed)
-        self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
+        self.img_size, self.mean, self.std, self.crop = img_size, tuple(mean), tuple(std), crop
         self.batch_size, self.seed, self.input_name = batch_size, seed, input_name
         self._next = 0
         counts: dict[str, int] = {}
@@ -164,7 +165,7 @@ class ClassBalancedSource:
         """One image through the inference transform: float32 (3, img_size, img_size)."""
         from edge_tl.data import load_image, preprocess
 
-        return preprocess(load_image(path), self.img_size, self.mean, self.std)
+        return preprocess(load_image(path), self.img_size, self.mean, self.std, self.crop)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._next >= len(self.items):

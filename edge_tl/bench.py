@@ -225,6 +225,7 @@ def _stage_facts(run_dir: Path, stage: str, run_info: dict, pruned: dict) -> dic
     """Params, MACs and validation metrics of a stage's PyTorch model: its metrics.json when that covers
     the validation split (else computed as fine-tuning evaluates), MACs from ``pruned`` (pruned/metrics.json,
     empty when absent) or counted."""
+    from edge_tl.data import run_crop
     from edge_tl.finetune import predict_logits, run_records
     from edge_tl.metrics import classification_metrics
     from edge_tl.prune_stage import PRUNED_DIR, load_stage_model
@@ -236,7 +237,8 @@ def _stage_facts(run_dir: Path, stage: str, run_info: dict, pruned: dict) -> dic
     source, model = str(metrics_path.relative_to(run_dir)), None
     if metrics.get("num_samples") != len(run_info["split"]["val_files"]) or "balanced_accuracy" not in metrics:
         model, records = load_stage_model(run_dir, stage)[0], run_records(run_info, "val")
-        logits = predict_logits(model, records, run_info["img_size"], run_info["mean"], run_info["std"])
+        logits = predict_logits(model, records, run_info["img_size"], run_info["mean"], run_info["std"],
+                                crop=run_crop(run_info))
         metrics = classification_metrics([r.label for r in records], logits.argmax(1), run_info["classes"],
                                          run_info.get("ok_class"))
         source = "computed on the validation split"

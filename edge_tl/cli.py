@@ -63,6 +63,8 @@ def _finetune_config(**kwargs):
                    "split's defects (out of fold) is passed as good. Needs --ok-class.")
 @click.option("--augmented-views", type=int, default=None,
               help="Augmented views cached per training image besides the plain view (default 4).")
+@click.option("--crop", type=float, default=None,
+              help="Share of the squashed image kept, centred (default 1: the whole image; 0.875 drops a 6% border).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file.")
 @click.option("--no-pretrained", is_flag=True, help="Start from random weights (testing only).")
@@ -72,13 +74,14 @@ def _finetune_config(**kwargs):
               help="auto, cpu or cuda: where the frozen-trunk passes run (auto: a CUDA GPU if PyTorch sees one); "
                    "training stays on the CPU.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
-def finetune(data_dir, out, backbone, img_size, epochs, unfreeze, ok_class, max_escape, augmented_views, seed, weights,
-             no_pretrained, no_cache, strict, device, force):
+def finetune(data_dir, out, backbone, img_size, epochs, unfreeze, ok_class, max_escape, augmented_views, crop, seed,
+             weights, no_pretrained, no_cache, strict, device, force):
     """Fine-tune a pretrained backbone with its trunk frozen on an ImageFolder DATA_DIR."""
     from edge_tl.finetune import finetune as run_finetune
 
     cfg = _finetune_config(backbone=backbone, img_size=img_size, epochs=epochs, unfreeze=unfreeze,
-                           ok_class=ok_class, max_escape=max_escape, augmented_views=augmented_views, seed=seed,
+                           ok_class=ok_class, max_escape=max_escape, augmented_views=augmented_views, crop=crop,
+                           seed=seed,
                            weights=str(weights) if weights else None, pretrained=not no_pretrained,
                            cache_features=not no_cache, strict=strict, device=device)
     result = run_finetune(data_dir, out, cfg, force=force)
@@ -110,16 +113,20 @@ def evaluate(run_dir, data_dir, out, device):
 @click.option("--ok-class", default=None, help="The good-part class; enables escape and false-reject rates.")
 @click.option("--augmented-views", type=int, default=None,
               help="Augmented views cached per image besides the plain view (default: as finetune).")
+@click.option("--crop", type=float, default=None,
+              help="Share of the squashed image kept, centred (default 1: the whole image; 0.875 drops a 6% border).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file.")
 @click.option("--strict", is_flag=True, help="Unreadable images are an error instead of a warning.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda: where the trunk passes run.")
-def cross_validate(data_dir, folds, out, backbone, img_size, ok_class, augmented_views, seed, weights, strict, device):
+def cross_validate(data_dir, folds, out, backbone, img_size, ok_class, augmented_views, crop, seed, weights, strict,
+                   device):
     """Cross-validate finetune's frozen-trunk head on DATA_DIR: every image scored once, out of fold."""
     from edge_tl.crossval import cross_validate as run_cross_validation
 
     cfg = _finetune_config(backbone=backbone, img_size=img_size, ok_class=ok_class, seed=seed,
-                           augmented_views=augmented_views, weights=str(weights) if weights else None, strict=strict,
+                           augmented_views=augmented_views, crop=crop, weights=str(weights) if weights else None,
+                           strict=strict,
                            device=device)
     result = run_cross_validation(data_dir, cfg, folds, out)
     console.print(metrics_table(result["pooled"], f"{folds}-fold cross-validation, out-of-fold predictions ({data_dir})"))

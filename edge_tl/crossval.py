@@ -125,7 +125,7 @@ def fit_operating_point(model: nn.Module, records, views: torch.Tensor | None, c
 
     labels = np.array([record.label for record in records])
     if views is None:
-        views = trunk_features(model, records, img_size, spec.mean, spec.std, device=device)[None]
+        views = trunk_features(model, records, img_size, spec.mean, spec.std, device=device, crop=cfg.crop)[None]
     folds = int(min(DEFAULT_FOLDS, max(2, np.bincount(labels).min())))
     logits = out_of_fold_logits(views, labels, len(classes), stratified_folds(labels, folds, cfg.seed), cfg.head_l2,
                                 cfg.epochs * cfg.lbfgs_iterations, cfg.seed)
@@ -171,7 +171,7 @@ def cross_validate(data_dir: str | Path, cfg=None, folds: int = DEFAULT_FOLDS, o
     model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,
                         weights=cfg.weights).eval()
     views = cache_features(model.trunk, records, img_size, spec, cfg.augmented_views, cfg.seed,
-                           device=resolve_device(cfg.device))
+                           device=resolve_device(cfg.device), crop=cfg.crop)
     fold_of = stratified_folds(labels, folds, cfg.seed)
     logits = out_of_fold_logits(views, labels, len(scan.classes), fold_of, cfg.head_l2,
                                 cfg.epochs * cfg.lbfgs_iterations, cfg.seed)
@@ -183,6 +183,7 @@ def cross_validate(data_dir: str | Path, cfg=None, folds: int = DEFAULT_FOLDS, o
         "data_dir": str(data_dir.resolve()),
         "backbone": spec.name,
         "img_size": img_size,
+        "crop": cfg.crop,
         "classes": list(scan.classes),
         "ok_class": cfg.ok_class,
         "folds": folds,

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 MIN_IMAGES_PER_CLASS = 2
+MIN_CROP = 0.5  # centre-crop fractions below this would drop most of a part
 RESAMPLE = Image.Resampling.BILINEAR  # the one resize filter every stage uses (Pillow's, antialiased)
 _LISTED_NAMES = 20
 _LAYOUT = "one sub-folder of images per class"
@@ -236,13 +237,34 @@ def file_list_hash(records: Sequence[ImageRecord], root: str | os.PathLike) -> s
     return sha256_text(sorted(f"{record.label}/{_relative(Path(record.path), root)}" for record in records))
 
 
-def resize_image(image: Image.Image, img_size: int) -> Image.Image:
-    """Squash the whole image to img_size x img_size (bilinear, no crop: defects may sit at the border)."""
+def check_crop(crop: float) -> float:
+    """A centre-crop fraction in [MIN_CROP, 1]; anything else is a user error."""
+    if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not MIN_CROP <= crop <= 1.0:
+        raise ConfigError(f"--crop {crop!r} must lie in [{MIN_CROP}, 1]: the share of the image kept, e.g. 0.875 "
+                          "(1 keeps the whole image)")
+    return float(crop)
+
+
+def run_crop(run_info: dict) -> float:
+    """The centre-crop fraction a run was trained with (runs made before the option: 1, the whole image)."""
+    return float(run_info.get("crop", 1.0))
+
+
+def resize_image(image: Image.Image, img_size: int, crop: float = 1.0) -> Image.Image:
+    """Squash the image to a square, bilinear; by default the whole image (defects may sit at the border).
+
+    With ``crop`` < 1 the square is ``round(img_size / crop)`` pixels and its centre ``img_size`` pixels
+    are kept: the border, where fixtures and background vary from shot to shot, is dropped.
+    """
     if not isinstance(img_size, int) or img_size <= 0:
         raise ConfigError(f"image size {img_size!r} is not a positive integer; use e.g. 224")
-    if image.size == (img_size, img_size):
+    squashed = img_size if check_crop(crop) == 1.0 else round(img_size / crop)
+    if image.size != (squashed, squashed):
+        image = image.resize((squashed, squashed), RESAMPLE)
+    if squashed == img_size:
         return image
-    return image.resize((img_size, img_size), RESAMPLE)
+    offset = (squashed - img_size) // 2
+    return image.crop((offset, offset, offset + img_size, offset + img_size))
 
 
 def normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -252,9 +274,11 @@ def normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def preprocess(image: Image.Image, img_size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """The inference transform: resize (squash) to img_size, scale to [0, 1], normalise -> (3, H, W)."""
-    return normalize(resize_image(image, img_size), mean, std)
+def preprocess(image: Image.Image, img_size: int, mean: Sequence[float], std: Sequence[float],
+               crop: float = 1.0) -> np.ndarray:
+    """The inference transform: resize (squash, centre-crop ``crop``) to img_size, scale to [0, 1],
+    normalise -> (3, H, W)."""
+    return normalize(resize_image(image, img_size, crop), mean, std)
 
 
 def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -286,11 +310,13 @@ def load_tensor_batch(
     mean: Sequence[float],
     std: Sequence[float],
     rng: np.random.Generator | None = None,
+    crop: float = 1.0,
 ) -> np.ndarray:
-    """Float32 (N, 3, img_size, img_size): load, resize once, augment if ``rng`` is given, normalise."""
+    """Float32 (N, 3, img_size, img_size): load, resize (and centre-crop) once, augment if ``rng`` is given,
+    normalise."""
     batch = np.empty((len(records), 3, img_size, img_size), dtype=np.float32)
     for index, record in enumerate(records):
-        image = resize_image(load_image(record.path), img_size)
+        image = resize_image(load_image(record.path), img_size, crop)
         if rng is not None:
             image = augment(image, rng)
         batch[index] = normalize(image, mean, std)

@@ -73,6 +73,7 @@ class FinetuneConfig:
     strict: bool = False
     device: str = "auto"  # where frozen-trunk passes run: auto (a CUDA GPU if PyTorch sees one), cpu, cuda
     max_escape: float | None = None  # escape budget: lower the ok logit until out-of-fold escapes <= this share
+    crop: float = 1.0  # share of the squashed image kept, centred (1: the whole image; 0.875: ImageNet-style)
 
     def resolved_img_size(self, spec: BackboneSpec) -> int:
         return self.img_size or spec.default_img_size
@@ -98,6 +99,7 @@ def validate_inputs(data_dir: Path, out: Path | None, cfg: FinetuneConfig, force
     if cfg.augmented_views < 0:
         raise ConfigError(f"augmented views {cfg.augmented_views} must be 0 or more")
     resolve_device(cfg.device)
+    data_mod.check_crop(cfg.crop)
     if cfg.max_escape is not None and not 0.0 <= cfg.max_escape < 1.0:
         raise ConfigError(f"--max-escape {cfg.max_escape} must lie in [0, 1), e.g. 0.01 for at most 1% of defects passed")
     if cfg.max_escape is not None and cfg.ok_class is None:
@@ -194,21 +196,22 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
     def train_features(epoch: int) -> torch.Tensor:
         """Pooled features of every view of every training image: (views, N, D)."""
         computed = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed + epoch,
-                                  device=device)
+                                  device=device, crop=cfg.crop)
         with torch.no_grad():
             return computed if not cfg.unfreeze else torch.stack([_pooled(tail, view) for view in computed])
 
     if cfg.cache_features:
         train_cache = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed,
-                                     device=device)
+                                     device=device, crop=cfg.crop)
         val_cache = cache_features(prefix, val_records, img_size, spec, 0, cfg.seed,
-                                   description="caching validation features", device=device)[0]
+                                   description="caching validation features", device=device, crop=cfg.crop)[0]
         with torch.no_grad():
             pooled = torch.stack([_pooled(tail, view) for view in train_cache])
     else:
         pooled = None
     standardize = Standardize(pooled[0] if pooled is not None
-                               else trunk_features(model, train_records, img_size, spec.mean, spec.std, device=device))
+                               else trunk_features(model, train_records, img_size, spec.mean, spec.std, device=device,
+                                                   crop=cfg.crop))
     head_net = nn.Sequential(standardize, model.head)
     probe_targets = targets.repeat(views)
     lbfgs = torch.optim.LBFGS(model.head.parameters(), lr=1.0, max_iter=cfg.lbfgs_iterations,
@@ -233,7 +236,7 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
         with torch.inference_mode():
             if cfg.cache_features:
                 return torch.cat([head_net(_pooled(tail, chunk)) for chunk in torch.split(val_cache, 256)]).numpy()
-            features = trunk_features(model, val_records, img_size, spec.mean, spec.std, device=device)
+            features = trunk_features(model, val_records, img_size, spec.mean, spec.std, device=device, crop=cfg.crop)
             return head_net(features).numpy()
 
     history, best_state, best_key, stale, epoch_seconds = [], None, None, 0, []
@@ -253,7 +256,7 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
                         view = torch.from_numpy(rng.integers(0, views, size=len(idx)))
                         features = _pooled(tail, train_cache[view, torch.from_numpy(idx)])
                     else:
-                        batch = np.stack([image_views(train_records[i], img_size, spec, 1, rng)[1] for i in idx])
+                        batch = np.stack([image_views(train_records[i], img_size, spec, 1, rng, cfg.crop)[1] for i in idx])
                         features = model.trunk(torch.from_numpy(batch))
                     loss = loss_fn(head_net(features), targets[idx])
                     optimizer.zero_grad()
@@ -309,7 +312,8 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
         from edge_tl.crossval import fit_operating_point
 
         operating_point = fit_operating_point(model, train, train_views, scan.classes, spec, img_size, cfg, device)
-    logits = predict_logits(model, val, img_size, spec.mean, spec.std, description="evaluating", device=device)
+    logits = predict_logits(model, val, img_size, spec.mean, spec.std, description="evaluating", device=device,
+                            crop=cfg.crop)
     metrics = classification_metrics([r.label for r in val], logits.argmax(1), scan.classes, cfg.ok_class)
     run_info = {
         "format": "edge-tl-run",
@@ -320,6 +324,7 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
         "ok_class": cfg.ok_class,
         "mean": list(spec.mean),
         "std": list(spec.std),
+        "crop": cfg.crop,
         "channel_order": "RGB",
         "layout": "NCHW",
         "data_dir": str(data_dir.resolve()),
@@ -384,7 +389,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, out: str | Path | None =
             f"{', '.join(run_info['classes'])}; evaluate on a folder with the same class folders"
         )
     logits = predict_logits(model, scan.records, run_info["img_size"], run_info["mean"], run_info["std"],
-                            device=torch_device)
+                            device=torch_device, crop=data_mod.run_crop(run_info))
     metrics = classification_metrics([r.label for r in scan.records], logits.argmax(1), scan.classes,
                                      run_info.get("ok_class"))
     atomic_write_json(Path(out) if out else run_dir / "evaluation.json", metrics)

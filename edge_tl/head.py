@@ -60,13 +60,13 @@ def lbfgs_epoch(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor, 
 
 @torch.no_grad()
 def trunk_features(model: nn.Module, records, img_size: int, mean, std, batch_size: int = 32,
-                   device: torch.device = CPU) -> torch.Tensor:
+                   device: torch.device = CPU, crop: float = 1.0) -> torch.Tensor:
     """``model.trunk`` on the plain view (the inference transform) of ``records``, in batches, run on
     ``device``; the features come back on the CPU."""
     records = list(records)
     with placed(model.trunk, device) as trunk:
         return torch.cat([
-            trunk(torch.from_numpy(data_mod.load_tensor_batch(records[i:i + batch_size], img_size, mean, std))
+            trunk(torch.from_numpy(data_mod.load_tensor_batch(records[i:i + batch_size], img_size, mean, std, crop=crop))
                   .to(device)).cpu()
             for i in range(0, len(records), batch_size)
         ])
@@ -103,7 +103,8 @@ def refit_head(model: nn.Module, run_info: dict, evaluate: Callable[[nn.Module],
     from edge_tl.finetune import run_records
 
     train = run_records(run_info, "train")
-    features = trunk_features(model, train, run_info["img_size"], run_info["mean"], run_info["std"])
+    features = trunk_features(model, train, run_info["img_size"], run_info["mean"], run_info["std"],
+                              crop=data_mod.run_crop(run_info))
     l2 = float(run_info.get("config", {}).get("head_l2", DEFAULT_HEAD_L2))
     head = fit_linear_head(features, np.array([r.label for r in train]), len(run_info["classes"]), l2)
     point = run_info.get("operating_point")

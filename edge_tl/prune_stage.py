@@ -70,7 +70,8 @@ def validate_config(cfg: PruneConfig) -> None:
 def _batches(records, run_info: dict, batch_size: int, rng: np.random.Generator | None):
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        images = data_mod.load_tensor_batch(chunk, run_info["img_size"], run_info["mean"], run_info["std"], rng)
+        images = data_mod.load_tensor_batch(chunk, run_info["img_size"], run_info["mean"], run_info["std"], rng,
+                                            crop=data_mod.run_crop(run_info))
         yield torch.from_numpy(images), torch.tensor([r.label for r in chunk])
 
 

@@ -100,7 +100,7 @@ def qat(folded: nn.Module, teacher: nn.Module, plan, ptq_tensors, run_info: dict
     """NNI QAT of (unwrapped) ``folded`` from the PTQ ranges; returns the wrapped quantizer, tensors, history."""
     train = run_records(run_info, "train")
     size = run_info["img_size"]
-    train_images = [data_mod.resize_image(data_mod.load_image(r.path), size) for r in train]
+    train_images = [data_mod.resize_image(data_mod.load_image(r.path), size, data_mod.run_crop(run_info)) for r in train]
     loop = _QatLoop(teacher, train_images, val_images, val_labels, run_info, cfg)
     torch.manual_seed(cfg.seed)
     optimizer = nni_compat.traced_optimizer(torch.optim.SGD, folded.parameters(), lr=cfg.qat_lr, momentum=0.9)

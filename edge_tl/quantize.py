@@ -276,9 +276,10 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     model, run_info = load_stage_model(run_dir, cfg.stage)
     size, mean, std, classes = run_info["img_size"], run_info["mean"], run_info["std"], run_info["classes"]
     val = run_records(run_info, "val")
+    crop = data_mod.run_crop(run_info)
     source = ClassBalancedSource(run_records(run_info, "train"), cfg.calib_images, size, mean, std,
-                                 batch_size=cfg.batch_size, seed=cfg.seed, input_name=INPUT_NAME)
-    val_images = torch.from_numpy(data_mod.load_tensor_batch(val, size, mean, std))  # the inference transform
+                                 batch_size=cfg.batch_size, seed=cfg.seed, input_name=INPUT_NAME, crop=crop)
+    val_images = torch.from_numpy(data_mod.load_tensor_batch(val, size, mean, std, crop=crop))  # inference transform
     val_labels = np.array([r.label for r in val])
 
     def scored(logits: np.ndarray) -> dict:
@@ -302,7 +303,7 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
     if cfg.reconstruct:
         reconstruction_source = source if cfg.reconstruct_images >= len(source) else ClassBalancedSource(
             run_records(run_info, "train"), cfg.reconstruct_images, size, mean, std, batch_size=cfg.batch_size,
-            seed=cfg.seed, input_name=INPUT_NAME)
+            seed=cfg.seed, input_name=INPUT_NAME, crop=crop)
         metrics, tensors, extra["reconstruction"] = _reconstruct(quantizer, folded, tensors, reconstruction_source,
                                                                  evaluate, metrics)
     if cfg.mode == "ptq" and cfg.float_head and cfg.refit_head:

@@ -80,6 +80,7 @@ def check_metadata(metadata: dict[str, Any], run_info: dict[str, Any], artifact:
         ("std", metadata["std"], run_info["std"], lambda a, b: np.allclose(a, b, rtol=0, atol=1e-7)),
         ("classes", list(metadata["class_names"]), list(run_info["classes"]), lambda a, b: a == b),
         ("ok class", metadata.get("ok_class"), run_info.get("ok_class"), lambda a, b: a == b),
+        ("centre crop", float(metadata.get("crop", 1.0)), data_mod.run_crop(run_info), lambda a, b: a == b),
     )
     for label, declared, expected, same in checks:
         if len(np.atleast_1d(declared)) != len(np.atleast_1d(expected)) or not same(declared, expected):
@@ -141,10 +142,10 @@ def _run(runner: Runner, images: np.ndarray, input_name: str, output_name: str, 
     return np.concatenate(outputs)
 
 
-def _load_images(records: Sequence, img_size: int, mean, std) -> np.ndarray:
+def _load_images(records: Sequence, img_size: int, mean, std, crop: float) -> np.ndarray:
     batch = np.empty((len(records), 3, img_size, img_size), dtype=np.float32)
     for index, record in enumerate(records):
-        batch[index] = data_mod.preprocess(data_mod.load_image(record.path), img_size, mean, std)
+        batch[index] = data_mod.preprocess(data_mod.load_image(record.path), img_size, mean, std, crop)
     return batch
 
 
@@ -211,7 +212,8 @@ def artifact_predictions(
     with runner, reference or nullcontext():
         size, exact = _batch_sizes(runner, input_name, batch_size, max_batch)
         for start in range(0, len(records), batch_size):  # decode each image once, feed both runners
-            images = _load_images(records[start:start + batch_size], img_size, metadata["mean"], metadata["std"])
+            images = _load_images(records[start:start + batch_size], img_size, metadata["mean"], metadata["std"],
+                                  float(metadata.get("crop", 1.0)))
             artifact_parts.append(_run(runner, images, input_name, output_name, size, exact))
             if reference is not None:
                 float_parts.append(_run(reference, images, input_name, output_name, batch_size, False))

@@ -38,11 +38,20 @@ def preprocessing_metadata(
     std: tuple[float, ...],
     class_names: list[str] | tuple[str, ...],
     ok_class: str | None = None,
+    crop: float = 1.0,
     **extra: Any,
 ) -> dict[str, Any]:
     """The metadata ``export_onnx`` expects: what any runtime needs to feed the model correctly."""
     return {"mean": list(mean), "std": list(std), "class_names": list(class_names), "ok_class": ok_class,
-            "img_size": img_size, **extra}
+            "img_size": img_size, "crop": float(crop), **extra}
+
+
+def resize_description(crop: float) -> str:
+    """How the runtime must resize an image: the whole image, or its centre ``crop`` share (``edge_tl.data``)."""
+    if crop >= 1.0:
+        return "whole image to input_size, bilinear, no crop"
+    return (f"whole image to round(input_size / {crop:g}) square, bilinear, then the centre input_size square "
+            "(centre crop)")
 
 
 def metadata_props(metadata: Mapping[str, Any], img_size: int, input_name: str, output_name: str) -> dict[str, str]:
@@ -62,7 +71,8 @@ def metadata_props(metadata: Mapping[str, Any], img_size: int, input_name: str, 
         "layout": "NCHW",
         "pixel_scale": 1.0 / 255.0,
         "normalization": "(rgb / 255 - mean) / std",
-        "resize": "whole image to input_size, bilinear, no crop",
+        "resize": resize_description(float(metadata.get("crop", 1.0))),
+        "crop": 1.0,
         "ok_class": None,
         **{key: value for key, value in metadata.items() if key != "img_size"},
     }

@@ -37,6 +37,7 @@ from torch import nn
 
 from calibrate.calibration_file import Calibration, read_calibration
 from edge_tl.artifacts import atomic_write_json, load_weights, read_json, sha256_file
+from edge_tl.data import run_crop
 from edge_tl.errors import ArtifactError, ConfigError
 from edge_tl.prune_stage import load_stage_model
 
@@ -224,7 +225,8 @@ def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: d
     name = artifact_name(cfg.stage, cfg.precision, "onnx", cfg.target)
     final = export_dir(run_dir) / name
     metadata = preprocessing_metadata(img_size, run_info["mean"], run_info["std"], run_info["classes"],
-                                      run_info.get("ok_class"), stage=cfg.stage, backbone=run_info.get("backbone"))
+                                      run_info.get("ok_class"), crop=run_crop(run_info), stage=cfg.stage,
+                                      backbone=run_info.get("backbone"))
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "artifact": name, "artifact_format": "onnx",
         "stage": cfg.stage, "precision": cfg.precision, "opset": cfg.opset, "dynamic_batch": cfg.dynamic_batch,
@@ -291,7 +293,8 @@ def _export_engine(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info:
             # implicit INT8 (JetPack 5/6 DLA, older builds): the cache names tensors of the FP32 ONNX
             quantized, calib, _ = load_int8_model(run_dir, cfg.stage, model, img_size)
             fp32_path = staging / artifact_name(cfg.stage, "fp32")
-            metadata = {key: source["metadata"][key] for key in ("mean", "std", "class_names")}
+            metadata = {key: source["metadata"][key] for key in ("mean", "std", "class_names", "crop")
+                        if key in source["metadata"]}
             export_onnx(quantized, img_size, fp32_path, cfg.opset, cfg.dynamic_batch, metadata)
             cache_name = f"model.{cfg.stage}.int8.calib"
             export_tensorrt_cache(fp32_path, quantized, calib, staging / cache_name, trt_version)
