@@ -230,6 +230,13 @@ def _stage_details(inputs: ReportInputs) -> tuple[str, ...]:
                        f"{len(info.get('history') or [])} epochs run (at most {config.get('epochs', _NONE)}), "
                        f"{config.get('unfreeze') or 0} trunk blocks unfrozen; {tuned.get('num_samples')} "
                        "validation images.")
+        if float(info.get("crop", 1.0)) < 1.0:
+            details.append(f"inputs: the centre {info['crop']:g} of each squashed image (--crop).")
+        point = info.get("operating_point")
+        if point:
+            details.append(f"escape budget {point['max_escape']:.1%}: the {info.get('ok_class')} logit is lowered by "
+                           f"{point['ok_logit_shift']:.3f} in every artifact (chosen out of fold on the training "
+                           f"split: escape {point['escape_rate']:.2%}, false reject {point['false_reject_rate']:.2%}).")
     if pruned:
         config, recovery = pruned.get("config") or {}, pruned.get("recovery") or {}
         details.append(f"pruned ({config.get('method', _NONE)}, sparsity {config.get('sparsity', _NONE)}): params "

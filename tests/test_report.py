@@ -329,3 +329,17 @@ def test_missing_run_json_is_an_artifact_error(tmp_path):
     message = str(caught.value)
     assert "\n" not in message and "no run.json" in message and "edge-tl finetune" in message
     assert not (tmp_path / "report.md").exists() and not (tmp_path / "plots").exists()
+
+
+def test_crop_and_escape_budget_are_reported(tmp_path):
+    run_dir = tmp_path / "run"
+    make_run_dir(run_dir, with_bench=False)
+    info = json.loads((run_dir / "run.json").read_text())
+    info["crop"] = 0.875
+    info["operating_point"] = {"max_escape": 0.02, "ok_logit_shift": 0.7129, "escape_rate": 0.0179,
+                               "false_reject_rate": 0.1303, "balanced_accuracy": 0.93, "folds": 5}
+    (run_dir / "run.json").write_text(json.dumps(info))
+    markdown = write_report(run_dir).markdown_path.read_text(encoding="utf-8")
+    assert "the centre 0.875 of each squashed image" in markdown
+    assert (f"escape budget 2.0%: the {info['ok_class']} logit is lowered by 0.713 in every artifact" in markdown
+            and "escape 1.79%, false reject 13.03%" in markdown)
