@@ -16,6 +16,7 @@ from edge_tl.errors import EdgeTLError
 # off a terminal (logs, CI) rich assumes 80 columns and squeezes tables; results read better whole
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
+PREDICTIONS_SHOWN = 20  # rows of `edge-tl predict` printed; --out has them all
 
 
 def metrics_table(metrics: dict, title: str) -> Table:
@@ -148,6 +149,31 @@ def cross_validate(data_dir, folds, out, backbone, img_size, ok_class, augmented
         console.print(points)
     console.print(f"{len(result['errors'])} of {result['pooled']['num_samples']} images misclassified out of fold; "
                   f"cross-validation took {result['seconds_total']:.1f} s" + (f"; wrote {out}" if out else ""))
+
+
+@cli.command(name="predict")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Write every prediction to FILE.csv (a probability column per class) or FILE.json.")
+@click.option("--batch", "batch_size", type=int, default=8, show_default=True, help="Images per inference call.")
+@click.option("--strict", is_flag=True, help="An image that cannot be decoded is an error instead of a warning.")
+def predict_images(target, inputs, out, batch_size, strict):
+    """Classify INPUTS (image files or folders) with TARGET: an .onnx / .engine artifact or a run directory."""
+    from edge_tl.predict import predict
+
+    result = predict(target, inputs, out, batch_size, strict)
+    table = Table(title=f"predictions of {Path(target).name} ({result.backend})")
+    for column in ("file", "predicted", "probability"):
+        table.add_column(column, justify="right" if column == "probability" else "left")
+    shown = result.rows[:PREDICTIONS_SHOWN]
+    for row in shown:
+        table.add_row(row["file"], row["predicted"], f"{row['probability']:.3f}")
+    console.print(table)
+    counts = ", ".join(f"{name} {count}" for name, count in result.counts().items())
+    more = f" (first {len(shown)} shown)" if len(result.rows) > len(shown) else ""
+    console.print(f"{len(result.rows)} images{more}: {counts}" + (f"; {len(result.skipped)} skipped" if result.skipped
+                                                                 else "") + (f"; wrote {out}" if out else ""))
 
 
 def _print_json_summary(title: str, values: dict, keys: tuple[str, ...]) -> None:
