@@ -67,7 +67,7 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 def _target(target: Path) -> tuple[Any, str, dict[str, Any], int | None]:
     """(runner, backend, preprocessing metadata, largest batch or None) for an artifact or a run directory."""
-    from edge_tl.verify import _artifact_runner, artifact_metadata
+    from edge_tl.verify import artifact_metadata, artifact_runner
 
     if target.is_dir():
         if not (target / "run.json").is_file():
@@ -87,7 +87,7 @@ def _target(target: Path) -> tuple[Any, str, dict[str, Any], int | None]:
                             ".engine artifact from `edge-tl export`")
     if target.suffix not in (".onnx", ".engine"):
         raise ConfigError(f"{target.name} is neither a run directory nor an .onnx / .engine artifact")
-    runner, backend, max_batch = _artifact_runner(target)
+    runner, backend, max_batch = artifact_runner(target)
     return runner, backend, artifact_metadata(target), max_batch
 
 
@@ -131,7 +131,7 @@ def write_predictions(result: PredictResult, out: Path) -> None:
 def predict(target: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
             batch_size: int = DEFAULT_BATCH_SIZE, strict: bool = False) -> PredictResult:
     """Class probabilities of every image under ``inputs`` from ``target`` (artifact or run directory)."""
-    from edge_tl.verify import _batch_sizes, _run
+    from edge_tl.verify import batch_plan, run_batches
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size {batch_size!r} must be an integer >= 1, e.g. {DEFAULT_BATCH_SIZE}")
@@ -143,12 +143,13 @@ def predict(target: str | os.PathLike, inputs: Sequence[str | os.PathLike], out:
     size, classes = int(metadata["input_size"][0]), list(metadata["class_names"])
     result = PredictResult(str(target), backend, classes, metadata.get("ok_class"))
     with runner:
-        step, exact = _batch_sizes(runner, metadata["input_name"], batch_size, max_batch)
+        step, exact = batch_plan(runner, metadata["input_name"], batch_size, max_batch)
         for start in range(0, len(paths), batch_size):
             kept, images = _decoded(paths[start:start + batch_size], size, metadata, strict, result.skipped)
             if not kept:
                 continue
-            probabilities = _softmax(_run(runner, images, metadata["input_name"], metadata["output_name"], step, exact))
+            logits = run_batches(runner, images, metadata["input_name"], metadata["output_name"], step, exact)
+            probabilities = _softmax(logits)
             for path, row in zip(kept, probabilities):
                 best = int(row.argmax())
                 result.rows.append({"file": str(path), "predicted": classes[best], "probability": float(row[best]),

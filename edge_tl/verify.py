@@ -104,7 +104,7 @@ def _records(run_info: dict[str, Any], data_dir: str | os.PathLike | None) -> tu
     return list(scan.records), str(Path(data_dir))
 
 
-def _artifact_runner(artifact: Path) -> tuple[Runner, str, int | None]:
+def artifact_runner(artifact: Path) -> tuple[Runner, str, int | None]:
     """(runner, backend name, largest batch the artifact takes or None for any)."""
     if artifact.suffix == ".onnx":
         from edge_tl.runners.onnxruntime_runner import OnnxRuntimeRunner
@@ -117,7 +117,7 @@ def _artifact_runner(artifact: Path) -> tuple[Runner, str, int | None]:
     return TensorRTRunner(artifact), "tensorrt", int(settings.get("max_batch", 1))
 
 
-def _batch_sizes(runner: Runner, input_name: str, batch_size: int, max_batch: int | None) -> tuple[int, bool]:
+def batch_plan(runner: Runner, input_name: str, batch_size: int, max_batch: int | None) -> tuple[int, bool]:
     """(images per call, whether every call must be exactly that size) for the active runner."""
     specs = runner.input_specs()
     if input_name not in specs:
@@ -128,7 +128,8 @@ def _batch_sizes(runner: Runner, input_name: str, batch_size: int, max_batch: in
     return min(batch_size, max_batch) if max_batch else batch_size, False
 
 
-def _run(runner: Runner, images: np.ndarray, input_name: str, output_name: str, size: int, exact: bool) -> np.ndarray:
+def run_batches(runner: Runner, images: np.ndarray, input_name: str, output_name: str, size: int,
+                exact: bool) -> np.ndarray:
     outputs = []
     for start in range(0, len(images), size):
         chunk = images[start:start + size]
@@ -207,16 +208,16 @@ def artifact_predictions(
 
     model = load_stage_model(run_dir, stage)[0] if with_float else None
     reference = None if model is None else TorchRunner(model, img_size, input_name, output_name)
-    runner, backend, max_batch = _artifact_runner(artifact)
+    runner, backend, max_batch = artifact_runner(artifact)
     artifact_parts, float_parts = [], []
     with runner, reference or nullcontext():
-        size, exact = _batch_sizes(runner, input_name, batch_size, max_batch)
+        size, exact = batch_plan(runner, input_name, batch_size, max_batch)
         for start in range(0, len(records), batch_size):  # decode each image once, feed both runners
             images = _load_images(records[start:start + batch_size], img_size, metadata["mean"], metadata["std"],
                                   float(metadata.get("crop", 1.0)))
-            artifact_parts.append(_run(runner, images, input_name, output_name, size, exact))
+            artifact_parts.append(run_batches(runner, images, input_name, output_name, size, exact))
             if reference is not None:
-                float_parts.append(_run(reference, images, input_name, output_name, batch_size, False))
+                float_parts.append(run_batches(reference, images, input_name, output_name, batch_size, False))
     return ArtifactPredictions(
         artifact.name, backend, stage, metadata.get("precision"), data_label, list(run_info["classes"]),
         run_info.get("ok_class"), [record.label for record in records], np.concatenate(artifact_parts),
