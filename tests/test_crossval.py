@@ -24,7 +24,7 @@ from edge_tl.finetune import (
     predict_logits,
     run_records,
 )
-from edge_tl.head import fit_linear_head
+from edge_tl.head import fit_linear_head, refit_head, trunk_features
 from edge_tl.synthetic import make_surface_dataset
 
 IMG = 64
@@ -144,3 +144,18 @@ def test_max_escape_needs_an_ok_class(textures, tmp_path):
     assert main(["finetune", str(textures), "--out", str(tmp_path / "r"), "--ok-class", "ok",
                  "--max-escape", "1.5"]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_head_refit_after_compression_keeps_the_escape_budget(textures, tmp_path):
+    """Pruning and PTQ refit the head on the changed trunk: the run's ok-logit shift applies to the new head too."""
+    run = finetune(textures, tmp_path / "budget", FinetuneConfig(**{**CFG.__dict__, "max_escape": 0.0}))
+    model, info = load_checkpoint(run.run_dir)
+    shift, ok = info["operating_point"]["ok_logit_shift"], info["classes"].index("ok")
+    train = run_records(info, "train")
+    features = trunk_features(model, train, IMG, info["mean"], info["std"])
+    unshifted = fit_linear_head(features, np.array([r.label for r in train]), 4, info["config"]["head_l2"])
+    _, summary = refit_head(model, info, lambda net: {"balanced_accuracy": 1.0}, {"balanced_accuracy": 0.0})
+    assert summary["kept"]
+    expected = unshifted.bias.detach().clone()
+    expected[ok] -= shift
+    assert torch.allclose(model.head.weight, unshifted.weight) and torch.allclose(model.head.bias, expected)
