@@ -171,7 +171,7 @@ def cross_validate(data_dir: str | Path, cfg=None, folds: int = DEFAULT_FOLDS, o
     model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,
                         weights=cfg.weights).eval()
     views = cache_features(model.trunk, records, img_size, spec, cfg.augmented_views, cfg.seed,
-                           device=resolve_device(cfg.device), crop=cfg.crop)
+                           device=resolve_device(cfg.device), crop=cfg.crop, runtime=cfg.trunk_runtime)
     fold_of = stratified_folds(labels, folds, cfg.seed)
     logits = out_of_fold_logits(views, labels, len(scan.classes), fold_of, cfg.head_l2,
                                 cfg.epochs * cfg.lbfgs_iterations, cfg.seed)

@@ -15,7 +15,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,7 +33,13 @@ from edge_tl.artifacts import (
 from edge_tl.backbones import BackboneSpec, build_model, get_backbone
 from edge_tl.device import CPU, describe_device, resolve_device
 from edge_tl.errors import ArtifactError, ConfigError, DatasetError
-from edge_tl.features import batched, cache_features, image_views, predict_logits
+from edge_tl.features import (
+    batched,
+    cache_features,
+    image_views,
+    predict_logits,
+    resolve_runtime,
+)
 from edge_tl.head import (
     DEFAULT_HEAD_L2,
     Standardize,
@@ -74,6 +80,7 @@ class FinetuneConfig:
     device: str = "auto"  # where frozen-trunk passes run: auto (a CUDA GPU if PyTorch sees one), cpu, cuda
     max_escape: float | None = None  # escape budget: lower the ok logit until out-of-fold escapes <= this share
     crop: float = 1.0  # share of the squashed image kept, centred (1: the whole image; 0.875: ImageNet-style)
+    trunk_runtime: str = "auto"  # frozen-trunk passes: auto (ONNX Runtime on a CPU, PyTorch on a GPU), torch, onnxruntime
 
     def resolved_img_size(self, spec: BackboneSpec) -> int:
         return self.img_size or spec.default_img_size
@@ -98,7 +105,7 @@ def validate_inputs(data_dir: Path, out: Path | None, cfg: FinetuneConfig, force
         raise ConfigError(f"validation fraction {cfg.val_fraction} must lie strictly between 0 and 1")
     if cfg.augmented_views < 0:
         raise ConfigError(f"augmented views {cfg.augmented_views} must be 0 or more")
-    resolve_device(cfg.device)
+    resolve_runtime(cfg.trunk_runtime, resolve_device(cfg.device))
     data_mod.check_crop(cfg.crop)
     if cfg.max_escape is not None and not 0.0 <= cfg.max_escape < 1.0:
         raise ConfigError(f"--max-escape {cfg.max_escape} must lie in [0, 1), e.g. 0.01 for at most 1% of defects passed")
@@ -196,15 +203,16 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
     def train_features(epoch: int) -> torch.Tensor:
         """Pooled features of every view of every training image: (views, N, D)."""
         computed = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed + epoch,
-                                  device=device, crop=cfg.crop)
+                                  device=device, crop=cfg.crop, runtime=cfg.trunk_runtime)
         with torch.no_grad():
             return computed if not cfg.unfreeze else torch.stack([_pooled(tail, view) for view in computed])
 
     if cfg.cache_features:
         train_cache = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed,
-                                     device=device, crop=cfg.crop)
+                                     device=device, crop=cfg.crop, runtime=cfg.trunk_runtime)
         val_cache = cache_features(prefix, val_records, img_size, spec, 0, cfg.seed,
-                                   description="caching validation features", device=device, crop=cfg.crop)[0]
+                                   description="caching validation features", device=device, crop=cfg.crop,
+                                   runtime=cfg.trunk_runtime)[0]
         with torch.no_grad():
             pooled = torch.stack([_pooled(tail, view) for view in train_cache])
     else:
@@ -340,6 +348,7 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
         "skipped_files": [str(path) for path, _ in scan.skipped],
         "config": asdict(cfg),
         "trunk_device": describe_device(device),
+        "trunk_runtime": resolve_runtime(cfg.trunk_runtime, device),
         "operating_point": operating_point,
         "history": history,
         "versions": _versions(),

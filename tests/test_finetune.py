@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from edge_tl.backbones import build_model
-from edge_tl.finetune import FinetuneConfig, evaluate, finetune, freeze_trunk, load_checkpoint
+from edge_tl.finetune import (
+    FinetuneConfig,
+    evaluate,
+    finetune,
+    freeze_trunk,
+    load_checkpoint,
+)
 from edge_tl.synthetic import make_surface_dataset
 
 IMG = 64
@@ -103,3 +109,34 @@ def test_fit_linear_head_is_invariant_to_feature_scale_and_separates():
     # standardisation inside the fit makes it see the same problem; the folded heads agree
     assert torch.allclose(logits, scaled_logits, atol=3e-3 * float(logits.abs().max()))
     assert isinstance(head, torch.nn.Linear) and head.weight.shape == (4, 12)
+
+
+@pytest.mark.parametrize("unfreeze", [0, 2])
+def test_onnxruntime_frozen_pass_matches_pytorch(textures, unfreeze):
+    """The default CPU pass (the trunk, or the prefix before unfrozen blocks, run by ONNX Runtime) computes
+    what PyTorch computes."""
+    from edge_tl.backbones import get_backbone
+    from edge_tl.data import scan_image_folder
+    from edge_tl.features import cache_features, resolve_runtime
+    from edge_tl.finetune import frozen_prefix
+
+    model = build_model("efficientnet_lite0", num_classes=4, img_size=IMG, pretrained=True).eval()
+    prefix = frozen_prefix(model, unfreeze)
+    records = scan_image_folder(textures).records[:10]
+    spec = get_backbone("efficientnet_lite0")
+    cpu = torch.device("cpu")
+    assert resolve_runtime("auto", cpu) == "onnxruntime"
+    eager = cache_features(prefix, records, IMG, spec, 1, seed=3, runtime="torch").float()
+    ort = cache_features(prefix, records, IMG, spec, 1, seed=3, runtime="onnxruntime").float()
+    assert ort.shape == eager.shape and ort.shape[:2] == (2, 10)
+    scale = eager.abs().max().item()
+    # feature maps are cached in float16 (a rounding step of 1/1024 relative): one step apart at most
+    assert scale > 0 and (ort - eager).abs().max().item() <= (2e-3 if unfreeze else 1e-4) * scale
+
+
+def test_unknown_trunk_runtime_is_a_config_error(textures, tmp_path):
+    from edge_tl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trunk runtime 'tensorrt' is unknown"):
+        finetune(textures, tmp_path / "run", FinetuneConfig(img_size=IMG, trunk_runtime="tensorrt"))
+    assert not (tmp_path / "run").exists()
