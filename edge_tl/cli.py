@@ -11,31 +11,18 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_tl.artifacts import read_json
+from edge_tl.cli_tables import (
+    PREDICTIONS_SHOWN,
+    cross_validation_tables,
+    metrics_table,
+    predictions_table,
+    verification_table,
+)
 from edge_tl.errors import EdgeTLError
 
 # off a terminal (logs, CI) rich assumes 80 columns and squeezes tables; results read better whole
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
-PREDICTIONS_SHOWN = 20  # rows of `edge-tl predict` printed; --out has them all
-
-
-def metrics_table(metrics: dict, title: str) -> Table:
-    """A table of the headline metrics and per-class precision/recall."""
-    table = Table(title=title)
-    table.add_column("class")
-    table.add_column("precision", justify="right")
-    table.add_column("recall", justify="right")
-    table.add_column("support", justify="right")
-    for name, row in metrics["per_class"].items():
-        marker = " (ok)" if name == metrics.get("ok_class") else ""
-        table.add_row(name + marker, f"{row['precision']:.3f}", f"{row['recall']:.3f}", str(row["support"]))
-    table.add_section()
-    table.add_row("accuracy", "", f"{metrics['accuracy']:.4f}", str(metrics.get("num_samples", "")))
-    table.add_row("balanced accuracy", "", f"{metrics['balanced_accuracy']:.4f}", "")
-    if "escape_rate" in metrics:
-        table.add_row("escape rate", "", f"{metrics['escape_rate']:.4f}", "")
-        table.add_row("false reject rate", "", f"{metrics['false_reject_rate']:.4f}", "")
-    return table
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,6 +30,15 @@ def metrics_table(metrics: dict, title: str) -> Table:
 def cli(verbose: bool) -> None:
     """edge-tl: fine-tune, compress, export and verify defect-detection models for edge devices."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+TRUNK_RUNTIME_OPTION = click.option(
+    "--trunk-runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+    help="What runs the frozen-trunk passes: auto (ONNX Runtime on the CPU, several times faster; PyTorch on a GPU), "
+         "torch or onnxruntime.")
+CROP_OPTION = click.option(
+    "--crop", type=float, default=None,
+    help="Share of the squashed image kept, centred (default 1: the whole image; 0.875 drops a 6% border).")
 
 
 def _finetune_config(**kwargs):
@@ -64,8 +60,7 @@ def _finetune_config(**kwargs):
                    "split's defects (out of fold) is passed as good. Needs --ok-class.")
 @click.option("--augmented-views", type=int, default=None,
               help="Augmented views cached per training image besides the plain view (default 4).")
-@click.option("--crop", type=float, default=None,
-              help="Share of the squashed image kept, centred (default 1: the whole image; 0.875 drops a 6% border).")
+@CROP_OPTION
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file.")
 @click.option("--no-pretrained", is_flag=True, help="Start from random weights (testing only).")
@@ -74,9 +69,7 @@ def _finetune_config(**kwargs):
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu or cuda: where the frozen-trunk passes run (auto: a CUDA GPU if PyTorch sees one); "
                    "training stays on the CPU.")
-@click.option("--trunk-runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
-              help="What runs the frozen-trunk passes: auto (ONNX Runtime on the CPU, several times faster; PyTorch "
-                   "on a GPU), torch or onnxruntime.")
+@TRUNK_RUNTIME_OPTION
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
 def finetune(data_dir, out, backbone, img_size, epochs, unfreeze, ok_class, max_escape, augmented_views, crop, seed,
              weights, no_pretrained, no_cache, strict, device, trunk_runtime, force):
@@ -117,15 +110,12 @@ def evaluate(run_dir, data_dir, out, device):
 @click.option("--ok-class", default=None, help="The good-part class; enables escape and false-reject rates.")
 @click.option("--augmented-views", type=int, default=None,
               help="Augmented views cached per image besides the plain view (default: as finetune).")
-@click.option("--crop", type=float, default=None,
-              help="Share of the squashed image kept, centred (default 1: the whole image; 0.875 drops a 6% border).")
+@CROP_OPTION
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file.")
 @click.option("--strict", is_flag=True, help="Unreadable images are an error instead of a warning.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda: where the trunk passes run.")
-@click.option("--trunk-runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
-              help="What runs the frozen-trunk passes: auto (ONNX Runtime on the CPU, several times faster; PyTorch "
-                   "on a GPU), torch or onnxruntime.")
+@TRUNK_RUNTIME_OPTION
 def cross_validate(data_dir, folds, out, backbone, img_size, ok_class, augmented_views, crop, seed, weights, strict,
                    device, trunk_runtime):
     """Cross-validate finetune's frozen-trunk head on DATA_DIR: every image scored once, out of fold."""
@@ -135,23 +125,8 @@ def cross_validate(data_dir, folds, out, backbone, img_size, ok_class, augmented
                            augmented_views=augmented_views, crop=crop, weights=str(weights) if weights else None,
                            strict=strict, device=device, trunk_runtime=trunk_runtime)
     result = run_cross_validation(data_dir, cfg, folds, out)
-    console.print(metrics_table(result["pooled"], f"{folds}-fold cross-validation, out-of-fold predictions ({data_dir})"))
-    table = Table(title="per fold")
-    table.add_column("metric")
-    for row in result["per_fold"]:
-        table.add_column(f"fold {row['fold']}", justify="right")
-    table.add_column("mean +- std", justify="right")
-    for key, mean in result["mean"].items():
-        table.add_row(key, *[f"{row[key]:.4f}" for row in result["per_fold"]], f"{mean:.4f} +- {result['std'][key]:.4f}")
-    console.print(table)
-    if result.get("operating_points"):
-        points = Table(title="escape budget (finetune --max-escape): out-of-fold cost")
-        for column in ("max escape", "ok-logit shift", "escape rate", "false reject rate", "balanced acc."):
-            points.add_column(column, justify="right")
-        for point in result["operating_points"]:
-            points.add_row(f"{point['max_escape']:.2f}", f"{point['ok_logit_shift']:.3f}", f"{point['escape_rate']:.4f}",
-                           f"{point['false_reject_rate']:.4f}", f"{point['balanced_accuracy']:.4f}")
-        console.print(points)
+    for table in cross_validation_tables(result, f"{folds}-fold cross-validation, out-of-fold predictions ({data_dir})"):
+        console.print(table)
     console.print(f"{len(result['errors'])} of {result['pooled']['num_samples']} images misclassified out of fold; "
                   f"cross-validation took {result['seconds_total']:.1f} s" + (f"; wrote {out}" if out else ""))
 
@@ -168,15 +143,9 @@ def predict_images(target, inputs, out, batch_size, strict):
     from edge_tl.predict import predict
 
     result = predict(target, inputs, out, batch_size, strict)
-    table = Table(title=f"predictions of {Path(target).name} ({result.backend})")
-    for column in ("file", "predicted", "probability"):
-        table.add_column(column, justify="right" if column == "probability" else "left")
-    shown = result.rows[:PREDICTIONS_SHOWN]
-    for row in shown:
-        table.add_row(row["file"], row["predicted"], f"{row['probability']:.3f}")
-    console.print(table)
+    console.print(predictions_table(result, f"predictions of {Path(target).name} ({result.backend})"))
     counts = ", ".join(f"{name} {count}" for name, count in result.counts().items())
-    more = f" (first {len(shown)} shown)" if len(result.rows) > len(shown) else ""
+    more = f" (first {PREDICTIONS_SHOWN} shown)" if len(result.rows) > PREDICTIONS_SHOWN else ""
     console.print(f"{len(result.rows)} images{more}: {counts}" + (f"; {len(result.skipped)} skipped" if result.skipped
                                                                  else "") + (f"; wrote {out}" if out else ""))
 
@@ -247,7 +216,8 @@ def prune(run_dir, sparsity, method, align, recover_epochs, distill, require_spe
 def quantize(run_dir, stage, mode, calib_images, method, qat_epochs, float_head, float_stem, reconstruct, refit_head,
              seed):
     """INT8 ranges with NNI (PTQ or QAT) -> RUN_DIR/quantized/STAGE/calibration.json and metrics."""
-    from edge_tl.quantize import QuantizeConfig, quantize as run_quantize
+    from edge_tl.quantize import QuantizeConfig
+    from edge_tl.quantize import quantize as run_quantize
 
     cfg = QuantizeConfig(stage=stage, mode=mode, calib_images=calib_images, method=method, qat_epochs=qat_epochs,
                          float_head=float_head, float_stem=float_stem, reconstruct=reconstruct, refit_head=refit_head,
@@ -291,7 +261,8 @@ def export_command(run_dir, fmt, precision, stage, opset, dynamic_batch, target,
 @click.option("--max-escape-rise", type=float, default=0.0, show_default=True, help="Allowed escape-rate rise, points.")
 def verify(run_dir, artifact, data_dir, max_drop, max_escape_rise):
     """Check an exported ARTIFACT against the float model of its stage; exit 1 when the gate fails."""
-    from edge_tl.verify import check_gate, verify as run_verify
+    from edge_tl.verify import check_gate
+    from edge_tl.verify import verify as run_verify
 
     result = run_verify(run_dir, artifact, data_dir, max_drop=max_drop, max_escape_rise=max_escape_rise)
     _print_json_summary(f"verify {Path(artifact).name}", result,
@@ -389,19 +360,6 @@ def demo(out):
     result = run_demo(out)
     console.print(metrics_table(read_json(result.run_dir / "metrics.json"), "demo: fine-tuned model, validation metrics"))
     print_pipeline_result(result)
-
-
-def verification_table(rows: list[dict]) -> Table:
-    """One row per verified artifact: agreement with its float model and the gate's verdict."""
-    table = Table(title="verification against the float model of each stage")
-    for column in ("artifact", "top-1 agreement", "max |diff|", "balanced acc.", "delta (pt)", "escape delta (pt)",
-                   "passed"):
-        table.add_column(column, justify="left" if column == "artifact" else "right", no_wrap=column == "artifact")
-    for row in rows:
-        table.add_row(Path(row["artifact"]).name, f"{row['top1_agreement']:.3f}", f"{row['max_abs_diff']:.2e}",
-                      f"{row['balanced_accuracy']:.4f}", f"{row['balanced_accuracy_delta']:+.2f}",
-                      f"{row.get('escape_rate_delta', 0.0):+.2f}", "yes" if row["passed"] else "NO")
-    return table
 
 
 def main(argv: list[str] | None = None) -> int:

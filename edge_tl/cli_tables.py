@@ -1,0 +1,72 @@
+"""Rich tables the `edge-tl` command line prints: metrics, verification, cross-validation, predictions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+PREDICTIONS_SHOWN = 20  # rows of `edge-tl predict` printed; --out has them all
+
+
+def metrics_table(metrics: dict, title: str) -> Table:
+    """A table of the headline metrics and per-class precision/recall."""
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("precision", justify="right")
+    table.add_column("recall", justify="right")
+    table.add_column("support", justify="right")
+    for name, row in metrics["per_class"].items():
+        marker = " (ok)" if name == metrics.get("ok_class") else ""
+        table.add_row(name + marker, f"{row['precision']:.3f}", f"{row['recall']:.3f}", str(row["support"]))
+    table.add_section()
+    table.add_row("accuracy", "", f"{metrics['accuracy']:.4f}", str(metrics.get("num_samples", "")))
+    table.add_row("balanced accuracy", "", f"{metrics['balanced_accuracy']:.4f}", "")
+    if "escape_rate" in metrics:
+        table.add_row("escape rate", "", f"{metrics['escape_rate']:.4f}", "")
+        table.add_row("false reject rate", "", f"{metrics['false_reject_rate']:.4f}", "")
+    return table
+
+
+def verification_table(rows: list[dict]) -> Table:
+    """One row per verified artifact: agreement with its float model and the gate's verdict."""
+    table = Table(title="verification against the float model of each stage")
+    for column in ("artifact", "top-1 agreement", "max |diff|", "balanced acc.", "delta (pt)", "escape delta (pt)",
+                   "passed"):
+        table.add_column(column, justify="left" if column == "artifact" else "right", no_wrap=column == "artifact")
+    for row in rows:
+        table.add_row(Path(row["artifact"]).name, f"{row['top1_agreement']:.3f}", f"{row['max_abs_diff']:.2e}",
+                      f"{row['balanced_accuracy']:.4f}", f"{row['balanced_accuracy_delta']:+.2f}",
+                      f"{row.get('escape_rate_delta', 0.0):+.2f}", "yes" if row["passed"] else "NO")
+    return table
+
+
+def cross_validation_tables(result: dict, title: str) -> list[Table]:
+    """Pooled out-of-fold metrics, each fold's with mean and spread, and the escape budgets' costs."""
+    tables = [metrics_table(result["pooled"], title)]
+    table = Table(title="per fold")
+    table.add_column("metric")
+    for row in result["per_fold"]:
+        table.add_column(f"fold {row['fold']}", justify="right")
+    table.add_column("mean +- std", justify="right")
+    for key, mean in result["mean"].items():
+        table.add_row(key, *[f"{row[key]:.4f}" for row in result["per_fold"]], f"{mean:.4f} +- {result['std'][key]:.4f}")
+    tables.append(table)
+    if result.get("operating_points"):
+        points = Table(title="escape budget (finetune --max-escape): out-of-fold cost")
+        for column in ("max escape", "ok-logit shift", "escape rate", "false reject rate", "balanced acc."):
+            points.add_column(column, justify="right")
+        for point in result["operating_points"]:
+            points.add_row(f"{point['max_escape']:.2f}", f"{point['ok_logit_shift']:.3f}", f"{point['escape_rate']:.4f}",
+                           f"{point['false_reject_rate']:.4f}", f"{point['balanced_accuracy']:.4f}")
+        tables.append(points)
+    return tables
+
+
+def predictions_table(result, title: str) -> Table:
+    """The first PREDICTIONS_SHOWN predictions: file, class, probability."""
+    table = Table(title=title)
+    for column in ("file", "predicted", "probability"):
+        table.add_column(column, justify="right" if column == "probability" else "left")
+    for row in result.rows[:PREDICTIONS_SHOWN]:
+        table.add_row(row["file"], row["predicted"], f"{row['probability']:.3f}")
+    return table
