@@ -36,6 +36,10 @@ TRUNK_RUNTIME_OPTION = click.option(
     "--trunk-runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
     help="What runs the frozen-trunk passes: auto (ONNX Runtime on the CPU, several times faster; PyTorch on a GPU), "
          "torch or onnxruntime.")
+GROUP_PATTERN_OPTION = click.option(
+    "--group-pattern", default=None,
+    help=r"Regex naming the part in each file name (first capture group), e.g. 'part_(\d+)': a part's images stay "
+         "on one side of the split and in one fold.")
 CROP_OPTION = click.option(
     "--crop", type=float, default=None,
     help="Share of the squashed image kept, centred (default 1: the whole image; 0.875 drops a 6% border).")
@@ -61,6 +65,7 @@ def _finetune_config(**kwargs):
 @click.option("--augmented-views", type=int, default=None,
               help="Augmented views cached per training image besides the plain view (default 4).")
 @CROP_OPTION
+@GROUP_PATTERN_OPTION
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file.")
 @click.option("--no-pretrained", is_flag=True, help="Start from random weights (testing only).")
@@ -71,13 +76,15 @@ def _finetune_config(**kwargs):
                    "training stays on the CPU.")
 @TRUNK_RUNTIME_OPTION
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
-def finetune(data_dir, out, backbone, img_size, epochs, unfreeze, ok_class, max_escape, augmented_views, crop, seed,
+def finetune(data_dir, out, backbone, img_size, epochs, unfreeze, ok_class, max_escape, augmented_views, crop,
+             group_pattern, seed,
              weights, no_pretrained, no_cache, strict, device, trunk_runtime, force):
     """Fine-tune a pretrained backbone with its trunk frozen on an ImageFolder DATA_DIR."""
     from edge_tl.finetune import finetune as run_finetune
 
     cfg = _finetune_config(backbone=backbone, img_size=img_size, epochs=epochs, unfreeze=unfreeze,
                            ok_class=ok_class, max_escape=max_escape, augmented_views=augmented_views, crop=crop,
+                           group_pattern=group_pattern,
                            seed=seed,
                            weights=str(weights) if weights else None, pretrained=not no_pretrained,
                            cache_features=not no_cache, strict=strict, device=device, trunk_runtime=trunk_runtime)
@@ -111,18 +118,21 @@ def evaluate(run_dir, data_dir, out, device):
 @click.option("--augmented-views", type=int, default=None,
               help="Augmented views cached per image besides the plain view (default: as finetune).")
 @CROP_OPTION
+@GROUP_PATTERN_OPTION
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file.")
 @click.option("--strict", is_flag=True, help="Unreadable images are an error instead of a warning.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda: where the trunk passes run.")
 @TRUNK_RUNTIME_OPTION
-def cross_validate(data_dir, folds, out, backbone, img_size, ok_class, augmented_views, crop, seed, weights, strict,
+def cross_validate(data_dir, folds, out, backbone, img_size, ok_class, augmented_views, crop, group_pattern, seed,
+                   weights, strict,
                    device, trunk_runtime):
     """Cross-validate finetune's frozen-trunk head on DATA_DIR: every image scored once, out of fold."""
     from edge_tl.crossval import cross_validate as run_cross_validation
 
     cfg = _finetune_config(backbone=backbone, img_size=img_size, ok_class=ok_class, seed=seed,
-                           augmented_views=augmented_views, crop=crop, weights=str(weights) if weights else None,
+                           augmented_views=augmented_views, crop=crop, group_pattern=group_pattern,
+                           weights=str(weights) if weights else None,
                            strict=strict, device=device, trunk_runtime=trunk_runtime)
     result = run_cross_validation(data_dir, cfg, folds, out)
     for table in cross_validation_tables(result, f"{folds}-fold cross-validation, out-of-fold predictions ({data_dir})"):

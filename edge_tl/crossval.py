@@ -27,6 +27,7 @@ from edge_tl.backbones import build_model
 from edge_tl.device import resolve_device
 from edge_tl.errors import ConfigError
 from edge_tl.features import cache_features
+from edge_tl.groups import group_folds, group_keys, groups_per_class
 from edge_tl.head import fit_linear_head
 from edge_tl.metrics import classification_metrics, resolve_ok_class
 
@@ -49,14 +50,22 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return assignment
 
 
-def check_folds(counts: dict[str, int], folds: int) -> None:
-    """Every class must appear in every fold: a user error otherwise, before any trunk pass."""
+def check_folds(counts: dict[str, int], folds: int, unit: str = "images") -> None:
+    """Every class must appear in every fold: a user error otherwise, before any trunk pass. ``counts``:
+    images (or groups, ``unit``) per class."""
     if folds < 2:
         raise ConfigError(f"--folds {folds} must be at least 2; use e.g. --folds 5")
     smallest = min(counts, key=counts.get)
     if counts[smallest] < folds:
-        raise ConfigError(f"class {smallest} has {counts[smallest]} images, fewer than --folds {folds}; "
+        raise ConfigError(f"class {smallest} has {counts[smallest]} {unit}, fewer than --folds {folds}; "
                           f"lower --folds to {max(counts[smallest], 2)} or add images")
+
+
+def fold_assignment(labels: np.ndarray, paths, folds: int, seed: int, group_pattern: str | None) -> np.ndarray:
+    """:func:`stratified_folds`, or with a group pattern whole groups per fold (:mod:`edge_tl.groups`)."""
+    if group_pattern is None:
+        return stratified_folds(labels, folds, seed)
+    return group_folds(labels, group_keys(paths, group_pattern), folds, seed)
 
 
 @torch.no_grad()
@@ -126,9 +135,12 @@ def fit_operating_point(model: nn.Module, records, views: torch.Tensor | None, c
     labels = np.array([record.label for record in records])
     if views is None:
         views = trunk_features(model, records, img_size, spec.mean, spec.std, device=device, crop=cfg.crop)[None]
-    folds = int(min(DEFAULT_FOLDS, max(2, np.bincount(labels).min())))
-    logits = out_of_fold_logits(views, labels, len(classes), stratified_folds(labels, folds, cfg.seed), cfg.head_l2,
-                                cfg.epochs * cfg.lbfgs_iterations, cfg.seed)
+    sizes = (np.bincount(labels)[np.unique(labels)] if cfg.group_pattern is None else
+             list(groups_per_class(labels, group_keys([r.path for r in records], cfg.group_pattern), classes).values()))
+    folds = int(min(DEFAULT_FOLDS, max(2, min(sizes))))
+    fold_of = fold_assignment(labels, [r.path for r in records], folds, cfg.seed, cfg.group_pattern)
+    logits = out_of_fold_logits(views, labels, len(classes), fold_of, cfg.head_l2, cfg.epochs * cfg.lbfgs_iterations,
+                                cfg.seed)
     point = operating_point(logits, labels, classes, cfg.ok_class, cfg.max_escape)
     apply_ok_shift(model.head, resolve_ok_class(classes, cfg.ok_class), point["ok_logit_shift"])
     log.info("escape budget %.3f: ok logit lowered by %.3f (out of fold on %d training images: escape %.4f, "
@@ -164,15 +176,19 @@ def cross_validate(data_dir: str | Path, cfg=None, folds: int = DEFAULT_FOLDS, o
         raise ConfigError(f"--unfreeze {cfg.unfreeze}: cross-validation refits the frozen-trunk head only; drop --unfreeze")
     data_dir = Path(data_dir)
     spec, scan = validate_inputs(data_dir, None, cfg, force=False)
-    check_folds(scan.counts(), folds)
     img_size = cfg.resolved_img_size(spec)
     records = sorted(scan.records, key=lambda record: str(record.path))
     labels = np.array([record.label for record in records])
+    if cfg.group_pattern is None:
+        check_folds(scan.counts(), folds)
+    else:
+        keys = group_keys([record.path for record in records], cfg.group_pattern)
+        check_folds(groups_per_class(labels, keys, scan.classes), folds, "groups under --group-pattern")
     model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,
                         weights=cfg.weights).eval()
     views = cache_features(model.trunk, records, img_size, spec, cfg.augmented_views, cfg.seed,
                            device=resolve_device(cfg.device), crop=cfg.crop, runtime=cfg.trunk_runtime)
-    fold_of = stratified_folds(labels, folds, cfg.seed)
+    fold_of = fold_assignment(labels, [record.path for record in records], folds, cfg.seed, cfg.group_pattern)
     logits = out_of_fold_logits(views, labels, len(scan.classes), fold_of, cfg.head_l2,
                                 cfg.epochs * cfg.lbfgs_iterations, cfg.seed)
     predicted = logits.argmax(1)

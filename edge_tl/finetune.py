@@ -40,6 +40,7 @@ from edge_tl.features import (
     predict_logits,
     resolve_runtime,
 )
+from edge_tl.groups import compile_group_pattern, split_records
 from edge_tl.head import (
     DEFAULT_HEAD_L2,
     Standardize,
@@ -80,6 +81,7 @@ class FinetuneConfig:
     device: str = "auto"  # where frozen-trunk passes run: auto (a CUDA GPU if PyTorch sees one), cpu, cuda
     max_escape: float | None = None  # escape budget: lower the ok logit until out-of-fold escapes <= this share
     crop: float = 1.0  # share of the squashed image kept, centred (1: the whole image; 0.875: ImageNet-style)
+    group_pattern: str | None = None  # regex naming the part in a file name: its images stay on one side of splits
     trunk_runtime: str = "auto"  # frozen-trunk passes: auto (ONNX Runtime on a CPU, PyTorch on a GPU), torch, onnxruntime
 
     def resolved_img_size(self, spec: BackboneSpec) -> int:
@@ -107,6 +109,8 @@ def validate_inputs(data_dir: Path, out: Path | None, cfg: FinetuneConfig, force
         raise ConfigError(f"augmented views {cfg.augmented_views} must be 0 or more")
     resolve_runtime(cfg.trunk_runtime, resolve_device(cfg.device))
     data_mod.check_crop(cfg.crop)
+    if cfg.group_pattern is not None:
+        compile_group_pattern(cfg.group_pattern)
     if cfg.max_escape is not None and not 0.0 <= cfg.max_escape < 1.0:
         raise ConfigError(f"--max-escape {cfg.max_escape} must lie in [0, 1), e.g. 0.01 for at most 1% of defects passed")
     if cfg.max_escape is not None and cfg.ok_class is None:
@@ -310,7 +314,7 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
     data_dir, out = Path(data_dir), Path(out)
     spec, scan = validate_inputs(data_dir, out, cfg, force)
     img_size = cfg.resolved_img_size(spec)
-    train, val = data_mod.split_stratified(scan.records, cfg.val_fraction, cfg.seed)
+    train, val = split_records(scan.records, cfg.val_fraction, cfg.seed, cfg.group_pattern, scan.classes)
     model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,
                         weights=cfg.weights)
     device = resolve_device(cfg.device)
@@ -340,6 +344,7 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
         "split": {
             "seed": cfg.seed,
             "val_fraction": cfg.val_fraction,
+            "group_pattern": cfg.group_pattern,
             "train_files": [str(r.path.relative_to(scan.root)) for r in train],
             "val_files": [str(r.path.relative_to(scan.root)) for r in val],
             "train_hash": data_mod.file_list_hash(train, scan.root),
