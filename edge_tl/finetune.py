@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from edge_tl.head import (
     lbfgs_epoch,
     trunk_features,
 )
+from edge_tl.machine import library_versions
 from edge_tl.metrics import classification_metrics, resolve_ok_class
 from edge_tl.progress import progress_bar
 
@@ -299,15 +299,6 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
     return history, float(np.mean(epoch_seconds)), (pooled if full_batch and cfg.cache_features else None)
 
 
-def _versions() -> dict:
-    import onnxruntime
-    import timm
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
-
-
 def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = FinetuneConfig(), force: bool = False) -> FinetuneResult:
     """Fine-tune a pretrained backbone on an ImageFolder; write a run directory."""
     started = time.perf_counter()
@@ -356,7 +347,7 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
         "trunk_runtime": resolve_runtime(cfg.trunk_runtime, device),
         "operating_point": operating_point,
         "history": history,
-        "versions": _versions(),
+        "versions": library_versions("torchvision", "timm", "onnxruntime"),
     }
     with staged_run_dir(out, force) as staging:
         save_weights(staging / "model.safetensors", model.state_dict(), {"backbone": spec.name})

@@ -34,6 +34,17 @@ from edge_tl.runners.base import Runner
 _BACKEND_MODULES = {"torch": ("torch",), "onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt", "pycuda")}
 
 
+def library_versions(*modules: str) -> dict[str, str]:
+    """Python's, torch's and numpy's versions plus each named module's ``__version__``, for manifests."""
+    import importlib
+
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    versions.update({name: importlib.import_module(name).__version__ for name in modules})
+    return versions
+
+
 def cpu_model() -> str:
     """The CPU's name from /proc/cpuinfo ("model name" on x86; "Hardware" or "Model" on ARM boards),
     else the board name from the device tree (Jetson), else what ``platform`` knows."""

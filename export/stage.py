@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -39,6 +38,7 @@ from calibrate.calibration_file import Calibration, read_calibration
 from edge_tl.artifacts import atomic_write_json, load_weights, read_json, sha256_file
 from edge_tl.data import run_crop
 from edge_tl.errors import ArtifactError, ConfigError
+from edge_tl.machine import library_versions
 from edge_tl.prune_stage import load_stage_model
 
 logger = logging.getLogger(__name__)
@@ -195,14 +195,9 @@ def _publish(staged: Path, final: Path, manifest_path: Path, manifest: dict[str,
     atomic_write_json(manifest_path, manifest)
 
 
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-
-    import edge_tl
-
-    return {"edge_tl": edge_tl.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+def versions() -> dict[str, str]:
+    """What an export manifest records of the software that made it."""
+    return library_versions("edge_tl", "onnx", "onnxruntime")
 
 
 def _torch_parity(onnx_path: Path, model: nn.Module, img_size: int, dynamic_batch: bool) -> float:
@@ -218,7 +213,11 @@ def _torch_parity(onnx_path: Path, model: nn.Module, img_size: int, dynamic_batc
 
 def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: dict) -> dict[str, Any]:
     from export.fp16 import export_fp16_onnx
-    from export.onnx_export import export_onnx, preprocessing_metadata, read_onnx_metadata
+    from export.onnx_export import (
+        export_onnx,
+        preprocessing_metadata,
+        read_onnx_metadata,
+    )
     from export.qdq import export_qdq_onnx
 
     img_size = int(run_info["img_size"])
@@ -261,7 +260,7 @@ def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: d
             "max_abs_diff": report["max_abs_diff"],
             "parity_input": f"standard normal, seed 0, batch {2 if cfg.dynamic_batch else 1}",
             "sha256": sha256_file(staged), "size_bytes": staged.stat().st_size,
-            "metadata": read_onnx_metadata(staged), "versions": _versions(),
+            "metadata": read_onnx_metadata(staged), "versions": versions(),
         })
         if "max_abs_diff_vs_fp32" in report:
             manifest["max_abs_diff_vs_fp32"] = report["max_abs_diff_vs_fp32"]
@@ -308,7 +307,7 @@ def _export_engine(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info:
             "source_onnx_manifest": onnx_manifest_path(source["artifact"]).name, "metadata": source["metadata"],
             "calibration": calibration, "calibration_cache": cache_name,
             "calibration_cache_onnx": artifact_name(cfg.stage, "fp32") if cache_name else None,
-            "sha256": sha256_file(staged), "size_bytes": staged.stat().st_size, "versions": _versions(),
+            "sha256": sha256_file(staged), "size_bytes": staged.stat().st_size, "versions": versions(),
         }
         if cache_name:
             os.replace(staging / cache_name, export_dir(run_dir) / cache_name)
