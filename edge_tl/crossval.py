@@ -61,11 +61,21 @@ def check_folds(counts: dict[str, int], folds: int, unit: str = "images") -> Non
                           f"lower --folds to {max(counts[smallest], 2)} or add images")
 
 
-def fold_assignment(labels: np.ndarray, paths, folds: int, seed: int, group_pattern: str | None) -> np.ndarray:
-    """:func:`stratified_folds`, or with a group pattern whole groups per fold (:mod:`edge_tl.groups`)."""
-    if group_pattern is None:
+def part_keys(records, group_pattern: str | None) -> list[str] | None:
+    """Each record's part (:func:`edge_tl.groups.group_keys`), or None without a group pattern."""
+    return None if group_pattern is None else group_keys([record.path for record in records], group_pattern)
+
+
+def fold_units(labels: np.ndarray, keys: list[str] | None, classes) -> dict[str, int]:
+    """What folds are dealt per class: its images, or with part keys its parts."""
+    return groups_per_class(labels, range(len(labels)) if keys is None else keys, classes)
+
+
+def fold_assignment(labels: np.ndarray, keys: list[str] | None, folds: int, seed: int) -> np.ndarray:
+    """:func:`stratified_folds`, or with part keys whole parts per fold (:mod:`edge_tl.groups`)."""
+    if keys is None:
         return stratified_folds(labels, folds, seed)
-    return group_folds(labels, group_keys(paths, group_pattern), folds, seed)
+    return group_folds(labels, keys, folds, seed)
 
 
 @torch.no_grad()
@@ -135,10 +145,9 @@ def fit_operating_point(model: nn.Module, records, views: torch.Tensor | None, c
     labels = np.array([record.label for record in records])
     if views is None:
         views = trunk_features(model, records, img_size, spec.mean, spec.std, device=device, crop=cfg.crop)[None]
-    sizes = (np.bincount(labels)[np.unique(labels)] if cfg.group_pattern is None else
-             list(groups_per_class(labels, group_keys([r.path for r in records], cfg.group_pattern), classes).values()))
-    folds = int(min(DEFAULT_FOLDS, max(2, min(sizes))))
-    fold_of = fold_assignment(labels, [r.path for r in records], folds, cfg.seed, cfg.group_pattern)
+    keys = part_keys(records, cfg.group_pattern)
+    folds = int(min(DEFAULT_FOLDS, max(2, min(fold_units(labels, keys, classes).values()))))
+    fold_of = fold_assignment(labels, keys, folds, cfg.seed)
     logits = out_of_fold_logits(views, labels, len(classes), fold_of, cfg.head_l2, cfg.epochs * cfg.lbfgs_iterations,
                                 cfg.seed)
     point = operating_point(logits, labels, classes, cfg.ok_class, cfg.max_escape)
@@ -179,16 +188,13 @@ def cross_validate(data_dir: str | Path, cfg=None, folds: int = DEFAULT_FOLDS, o
     img_size = cfg.resolved_img_size(spec)
     records = sorted(scan.records, key=lambda record: str(record.path))
     labels = np.array([record.label for record in records])
-    if cfg.group_pattern is None:
-        check_folds(scan.counts(), folds)
-    else:
-        keys = group_keys([record.path for record in records], cfg.group_pattern)
-        check_folds(groups_per_class(labels, keys, scan.classes), folds, "groups under --group-pattern")
+    keys = part_keys(records, cfg.group_pattern)
+    check_folds(fold_units(labels, keys, scan.classes), folds, "images" if keys is None else "groups under --group-pattern")
     model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,
                         weights=cfg.weights).eval()
     views = cache_features(model.trunk, records, img_size, spec, cfg.augmented_views, cfg.seed,
                            device=resolve_device(cfg.device), crop=cfg.crop, runtime=cfg.trunk_runtime)
-    fold_of = fold_assignment(labels, [record.path for record in records], folds, cfg.seed, cfg.group_pattern)
+    fold_of = fold_assignment(labels, keys, folds, cfg.seed)
     logits = out_of_fold_logits(views, labels, len(scan.classes), fold_of, cfg.head_l2,
                                 cfg.epochs * cfg.lbfgs_iterations, cfg.seed)
     predicted = logits.argmax(1)

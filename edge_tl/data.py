@@ -59,14 +59,14 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _candidate_files(class_dir: Path) -> list[Path]:
-    """Image files under a class folder (recursively, like ImageFolder), hidden entries skipped."""
+def image_files(folder: Path) -> list[Path]:
+    """Image files under a folder (recursively, like ImageFolder; sorted), hidden entries skipped."""
     found = []
-    for folder, dirnames, filenames in os.walk(class_dir, followlinks=True):
+    for current, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(name for name in dirnames if not _is_hidden(name))
         for name in sorted(filenames):
             if not _is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(folder) / name)
+                found.append(Path(current) / name)
     return found
 
 
@@ -121,7 +121,7 @@ def scan_image_folder(root: str | os.PathLike, strict: bool = False) -> DatasetS
         )
     records, skipped, candidates = [], [], 0
     for label, name in enumerate(classes):
-        for path in _candidate_files(root / name):
+        for path in image_files(root / name):
             candidates += 1
             reason = _read_error(path)
             if reason is None:

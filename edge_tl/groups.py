@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from edge_tl.data import split_stratified
 from edge_tl.errors import ConfigError, DatasetError
 
 
@@ -103,7 +104,5 @@ def split_records(records: Sequence, val_fraction: float, seed: int, pattern: st
                   ) -> tuple[tuple, tuple]:
     """The run's (train, val) split: by image (:func:`edge_tl.data.split_stratified`), or by group with a pattern."""
     if pattern is None:
-        from edge_tl.data import split_stratified
-
         return split_stratified(records, val_fraction, seed)
     return split_by_group(records, val_fraction, seed, pattern, class_names)

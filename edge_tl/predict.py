@@ -51,10 +51,7 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            for folder, dirnames, filenames in os.walk(path, followlinks=True):
-                dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
-                found.extend(Path(folder) / name for name in sorted(filenames)
-                             if not name.startswith(".") and Path(name).suffix.lower() in data_mod.IMAGE_EXTENSIONS)
+            found.extend(data_mod.image_files(path))
         elif path.is_file():
             found.append(path)
         else:
