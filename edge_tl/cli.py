@@ -45,6 +45,29 @@ CROP_OPTION = click.option(
     help="Share of the squashed image kept, centred (default 1: the whole image; 0.875 drops a 6% border).")
 
 
+def frozen_trunk_options(command):
+    """The options `finetune` and `cv` share: backbone, input, views, crop, parts, seed, weights, device."""
+    shared = (
+        click.option("--backbone", default="efficientnet_lite0", show_default=True),
+        click.option("--img-size", type=int, default=None, help="Input size in pixels (default: the backbone's)."),
+        click.option("--ok-class", default=None, help="The good-part class; enables escape and false-reject rates."),
+        click.option("--augmented-views", type=int, default=None,
+                     help="Augmented views cached per training image besides the plain view (default 4)."),
+        CROP_OPTION,
+        GROUP_PATTERN_OPTION,
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file."),
+        click.option("--strict", is_flag=True, help="Unreadable images are an error instead of a warning."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu or cuda: where the frozen-trunk passes run (auto: a CUDA GPU if PyTorch sees "
+                          "one); training stays on the CPU."),
+        TRUNK_RUNTIME_OPTION,
+    )
+    for option in reversed(shared):
+        command = option(command)
+    return command
+
+
 def _finetune_config(**kwargs):
     from edge_tl.finetune import FinetuneConfig
 
@@ -54,38 +77,23 @@ def _finetune_config(**kwargs):
 @cli.command()
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory to create.")
-@click.option("--backbone", default="efficientnet_lite0", show_default=True)
-@click.option("--img-size", type=int, default=None, help="Input size in pixels (default: the backbone's).")
+@frozen_trunk_options
 @click.option("--epochs", type=int, default=None, help="Maximum head epochs (early stopping may end sooner).")
 @click.option("--unfreeze", type=int, default=0, show_default=True, help="Also train the last K trunk blocks.")
-@click.option("--ok-class", default=None, help="The good-part class; enables escape and false-reject rates.")
 @click.option("--max-escape", type=float, default=None,
               help="Escape budget, e.g. 0.01: lower the ok class's logit until at most this share of the training "
                    "split's defects (out of fold) is passed as good. Needs --ok-class.")
-@click.option("--augmented-views", type=int, default=None,
-              help="Augmented views cached per training image besides the plain view (default 4).")
-@CROP_OPTION
-@GROUP_PATTERN_OPTION
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file.")
 @click.option("--no-pretrained", is_flag=True, help="Start from random weights (testing only).")
 @click.option("--no-cache", is_flag=True, help="Run the trunk every epoch instead of caching its features.")
-@click.option("--strict", is_flag=True, help="Unreadable images are an error instead of a warning.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto, cpu or cuda: where the frozen-trunk passes run (auto: a CUDA GPU if PyTorch sees one); "
-                   "training stays on the CPU.")
-@TRUNK_RUNTIME_OPTION
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
-def finetune(data_dir, out, backbone, img_size, epochs, unfreeze, ok_class, max_escape, augmented_views, crop,
-             group_pattern, seed,
-             weights, no_pretrained, no_cache, strict, device, trunk_runtime, force):
+def finetune(data_dir, out, backbone, img_size, ok_class, augmented_views, crop, group_pattern, seed, weights, strict,
+             device, trunk_runtime, epochs, unfreeze, max_escape, no_pretrained, no_cache, force):
     """Fine-tune a pretrained backbone with its trunk frozen on an ImageFolder DATA_DIR."""
     from edge_tl.finetune import finetune as run_finetune
 
     cfg = _finetune_config(backbone=backbone, img_size=img_size, epochs=epochs, unfreeze=unfreeze,
                            ok_class=ok_class, max_escape=max_escape, augmented_views=augmented_views, crop=crop,
-                           group_pattern=group_pattern,
-                           seed=seed,
+                           group_pattern=group_pattern, seed=seed,
                            weights=str(weights) if weights else None, pretrained=not no_pretrained,
                            cache_features=not no_cache, strict=strict, device=device, trunk_runtime=trunk_runtime)
     result = run_finetune(data_dir, out, cfg, force=force)
@@ -112,21 +120,9 @@ def evaluate(run_dir, data_dir, out, device):
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--folds", type=int, default=5, show_default=True, help="Number of stratified folds.")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
-@click.option("--backbone", default="efficientnet_lite0", show_default=True)
-@click.option("--img-size", type=int, default=None, help="Input size in pixels (default: the backbone's).")
-@click.option("--ok-class", default=None, help="The good-part class; enables escape and false-reject rates.")
-@click.option("--augmented-views", type=int, default=None,
-              help="Augmented views cached per image besides the plain view (default: as finetune).")
-@CROP_OPTION
-@GROUP_PATTERN_OPTION
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file.")
-@click.option("--strict", is_flag=True, help="Unreadable images are an error instead of a warning.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda: where the trunk passes run.")
-@TRUNK_RUNTIME_OPTION
+@frozen_trunk_options
 def cross_validate(data_dir, folds, out, backbone, img_size, ok_class, augmented_views, crop, group_pattern, seed,
-                   weights, strict,
-                   device, trunk_runtime):
+                   weights, strict, device, trunk_runtime):
     """Cross-validate finetune's frozen-trunk head on DATA_DIR: every image scored once, out of fold."""
     from edge_tl.crossval import cross_validate as run_cross_validation
 
