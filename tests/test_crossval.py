@@ -61,7 +61,7 @@ def test_ok_logit_shift_is_the_smallest_that_meets_the_budget():
         shift = ok_logit_shift(logits, labels, 1, budget)
         assert escapes(shift) <= allowed
         assert shift == 0.0 or escapes(shift - 2e-4) > allowed  # any smaller shift breaks the budget
-    assert ok_logit_shift(logits, labels, 1, 0.99) == 0.0 or escapes(0.0) > 0.99 * 50
+    assert ok_logit_shift(logits, labels, 1, 1.0) == 0.0  # every defect may pass: nothing to lower
 
 
 def test_out_of_fold_logits_never_see_the_scored_sample():
