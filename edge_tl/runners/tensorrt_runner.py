@@ -3,8 +3,10 @@
 Uses the tensor-name I/O API of TensorRT 8.5+ (``num_io_tensors``, ``set_input_shape``,
 ``set_tensor_address``, ``execute_async_v3``). Before deserializing, the engine's manifest
 (written by :func:`export.tensorrt_build.build_engine`) is checked against this machine's
-TensorRT version and GPU, so a mismatched engine is a clear ArtifactError, not a crash.
-TensorRT and pycuda are imported only in :meth:`TensorRTRunner._activate`.
+TensorRT version and GPU, so a mismatched engine is a clear ArtifactError, not a crash, and
+the runtime's ``DLA_core`` is set to the core the engine was built for. Buffers live in the
+device's primary CUDA context (the one TensorRT's runtime uses). TensorRT and pycuda are
+imported only in :meth:`TensorRTRunner._activate`.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from edge_tl.errors import ArtifactError, BackendUnavailableError
+from edge_tl.errors import ArtifactError, BackendUnavailableError, ConfigError
 from edge_tl.runners.base import Runner, TensorSpec
 
 
@@ -42,18 +44,21 @@ class TensorRTRunner(Runner):
         context = cuda.Device(0).retain_primary_context()
         context.push()
         try:
-            if self.check_manifest:
-                from export.tensorrt_build import check_engine_for_machine
-
-                check_engine_for_machine(self.engine_path)
+            dla_core = self._dla_core()
             logger = trt.Logger(trt.Logger.WARNING)
-            engine = trt.Runtime(logger).deserialize_cuda_engine(self.engine_path.read_bytes())
+            runtime = trt.Runtime(logger)
+            if dla_core is not None:
+                if dla_core >= runtime.num_DLA_cores:
+                    raise ArtifactError(f"engine {self.engine_path.name} runs on DLA core {dla_core}; this device has "
+                                        f"{runtime.num_DLA_cores} DLA cores: rebuild with --dla-core 0 or without it")
+                runtime.DLA_core = dla_core  # before deserializing: the engine loads onto this core
+            engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
             if engine is None:
                 raise ArtifactError(f"TensorRT could not deserialize {self.engine_path}; rebuild it on this machine")
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
             self._state = {
-                "cuda": cuda, "trt": trt, "cuda_context": context, "engine": engine,
+                "cuda": cuda, "trt": trt, "cuda_context": context, "runtime": runtime, "engine": engine,
                 "context": engine.create_execution_context(), "stream": cuda.Stream(),
                 "inputs": inputs, "outputs": [n for n in names if n not in inputs],
                 "buffers": {}, "start": cuda.Event(), "end": cuda.Event(),
@@ -62,12 +67,27 @@ class TensorRTRunner(Runner):
             context.pop()
             raise
 
+    def _dla_core(self) -> int | None:
+        """The DLA core the engine's manifest names (checked against this machine), or None."""
+        from export.tensorrt_build import check_engine_for_machine, manifest_path
+
+        if self.check_manifest:
+            manifest = check_engine_for_machine(self.engine_path)
+        elif manifest_path(self.engine_path).is_file():
+            from edge_tl.artifacts import read_json
+
+            manifest = read_json(manifest_path(self.engine_path))
+        else:
+            return None
+        dla_core = manifest.get("dla_core")
+        return None if dla_core is None else int(dla_core)
+
     def _deactivate(self) -> None:
         state, self._state = self._state, {}
         for host, device in state.get("buffers", {}).values():
             device.free()
-        state.pop("context", None)
-        state.pop("engine", None)
+        for key in ("context", "engine", "runtime"):  # the runtime outlives its engine
+            state.pop(key, None)
         state["cuda_context"].pop()
 
     def _input_specs(self) -> dict[str, TensorSpec]:
@@ -77,6 +97,11 @@ class TensorRTRunner(Runner):
             shape = tuple(dim if dim >= 0 else None for dim in engine.get_tensor_shape(name))
             specs[name] = TensorSpec(name, shape, np.dtype(trt.nptype(engine.get_tensor_dtype(name))))
         return specs
+
+    def _profile_text(self, name: str) -> str:
+        """'batch 1 to 8' from the engine's first optimization profile for input ``name``."""
+        low, _, high = self._state["engine"].get_tensor_profile_shape(name, 0)
+        return f"(batch {low[0]} to {high[0]})"
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype):
         """Page-locked host and device buffers for ``name``, reallocated when the shape changes."""
@@ -93,7 +118,9 @@ class TensorRTRunner(Runner):
         state = self._state
         cuda, trt, context, engine, stream = state["cuda"], state["trt"], state["context"], state["engine"], state["stream"]
         for name in state["inputs"]:
-            context.set_input_shape(name, feed[name].shape)
+            if not context.set_input_shape(name, feed[name].shape):
+                raise ConfigError(f"input {name!r} of shape {feed[name].shape} is outside the engine's profile "
+                                  f"{self._profile_text(name)}; feed smaller batches or rebuild with --max-batch")
         state["start"].record(stream)
         for name in state["inputs"]:
             host, device = self._buffer(name, feed[name].shape, feed[name].dtype)
