@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def make_entropy_calibrator(source: CalibrationSource, batch_size: int, cache_pa
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
-            self.device_buffer = None
+            self.device_buffer: Any = None  # a pycuda DeviceAllocation once the first batch arrives
             self.batches = 0
             source.rewind()
 

@@ -168,14 +168,15 @@ def _timing_cache(config: tensorrt.IBuilderConfig, path: Path | None) -> tensorr
 def _add_profiles(builder: tensorrt.Builder, config: tensorrt.IBuilderConfig, input_name: str, img_size: int,
                   max_batch: int, calibration_batch: int | None) -> None:
     """Dynamic batch: min 1, opt and max ``max_batch``; calibration runs at its own fixed batch."""
+    # pybind11 converts the tuples to Dims; the stubs name Dims only, hence the ignores
     profile = builder.create_optimization_profile()
-    profile.set_shape(input_name, (1, 3, img_size, img_size), (max_batch, 3, img_size, img_size),
-                      (max_batch, 3, img_size, img_size))
+    low, high = (1, 3, img_size, img_size), (max_batch, 3, img_size, img_size)
+    profile.set_shape(input_name, low, high, high)  # type: ignore[arg-type]
     config.add_optimization_profile(profile)
     if calibration_batch is not None:
         calibration = builder.create_optimization_profile()
         shape = (calibration_batch, 3, img_size, img_size)
-        calibration.set_shape(input_name, shape, shape, shape)
+        calibration.set_shape(input_name, shape, shape, shape)  # type: ignore[arg-type]
         config.set_calibration_profile(calibration)
 
 
@@ -215,7 +216,9 @@ def build_engine(
     """
     import onnx
 
-    trt = import_tensorrt()
+    import_tensorrt()  # BackendUnavailableError unless a real TensorRT imports
+    import tensorrt as trt
+
     plan = plan_build(trt.__version__, precision, int8_source, dla_core)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():

@@ -100,9 +100,8 @@ def plan_build(trt_version: str, precision: str, int8_source: str = "qdq", dla_c
                 f"TensorRT {trt_version} has no DLA support (TensorRT 8.5-10.x, or 11.4.1+ on AGX Orin with "
                 "JetPack 7.2.2+); drop --dla-core"
             )
-        flags = ("GPU_FALLBACK",) if dla_core is not None else ()
-        return BuildPlan("fp16" if precision == "fp16" else "qdq", True, flags, False, False, dla_core, precision,
-                         "qdq" if precision == "int8" else None)
+        return BuildPlan("fp16" if precision == "fp16" else "qdq", True, ("GPU_FALLBACK",) if dla_core is not None else (),
+                         False, False, dla_core, precision, "qdq" if precision == "int8" else None)
     if precision == "fp16":
         # FP16 alone lets the builder keep FP32 tactics; prefer FP16 per convolution, report any left FP32
         flags = ["FP16", "PREFER_PRECISION_CONSTRAINTS"]

@@ -16,12 +16,19 @@ names of the wheel's ``tensorrt_bindings/__init__.py`` (``__version__``, ``nptyp
 
     python scripts/tensorrt_api_names.py                  # download and rewrite every list
     python scripts/tensorrt_api_names.py --wheels DIR     # use wheels already in DIR
+    python scripts/tensorrt_api_names.py --stubs .mypy-stubs   # tensorrt-stubs for mypy (see mypy.ini)
+
+``--stubs`` installs tensorrt-stubs (10.13) into a folder of its own, not site-packages (a stub-only
+``tensorrt`` folder on sys.path imports as an empty namespace package and looks like an installed
+TensorRT), and repairs the two kinds of invalid syntax its generated ``.pyi`` files have: parameters
+named by a keyword (``in``) and parameters without a default after one with a default.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import hashlib
+import keyword
 import logging
 import re
 import subprocess
@@ -100,12 +107,54 @@ def _matching(folder: Path, requirement: str) -> list[Path]:
     return list(folder.glob(f"{project.replace('-', '_')}-{version}-*.whl"))
 
 
+STUBS = "tensorrt-stubs==10.13.0.35.1"
+_KEYWORD_PARAMETER = re.compile(r"([(,] ?)(" + "|".join(keyword.kwlist) + r")(: )")
+
+
+def repair_stub(source: str) -> str:
+    """``source`` with keyword parameters renamed (``in`` -> ``in_``) and, in any ``def`` line
+    Python rejects for a parameter without a default after a defaulted one, ``= ...`` added."""
+    lines = [_KEYWORD_PARAMETER.sub(r"\1\2_\3", line) if line.lstrip().startswith("def ") else line
+             for line in source.split("\n")]
+    for _ in range(len(lines)):
+        try:
+            ast.parse("\n".join(lines))
+            return "\n".join(lines)
+        except SyntaxError as err:
+            index = (err.lineno or 0) - 1
+            head, sep, tail = lines[index].partition("(")
+            if not head.lstrip().startswith("def ") or not sep:
+                raise
+            arguments, close, rest = tail.rpartition(")")
+            parts, seen_default = [], False
+            for part in arguments.split(", "):
+                seen_default = seen_default or "=" in part
+                parts.append(part if "=" in part or not seen_default or part.startswith("*") else f"{part} = ...")
+            lines[index] = f"{head}({', '.join(parts)}{close}{rest}"
+    raise SystemExit("could not repair the stubs")
+
+
+def install_stubs(folder: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--upgrade", "--target", str(folder), STUBS],
+                   check=True)
+    for stub in sorted(folder.glob("tensorrt*/**/*.pyi")):
+        source = stub.read_text(encoding="utf-8")
+        repaired = repair_stub(source)
+        if repaired != source:
+            stub.write_text(repaired, encoding="utf-8")
+            logger.info("repaired %s", stub)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheels", type=Path, default=None, help="folder with the wheels (default: download them)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where the lists go (default {DEFAULT_OUT})")
+    parser.add_argument("--stubs", type=Path, default=None, help=f"install {STUBS} (repaired) here instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.stubs is not None:
+        install_stubs(args.stubs)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.wheels or Path(scratch)
