@@ -133,7 +133,7 @@ def _feed(specs: Mapping[str, TensorSpec], batch_size: int | None, img_size: int
           seed: int) -> dict[str, np.ndarray]:
     """A seeded standard-normal batch per input (``batch_size`` None: the artifact's static batch, or 1)."""
     if batch_size is not None and max_batch is not None and batch_size > max_batch:
-        raise _Unsupported(f"the engine takes batches of at most {max_batch}; rebuild it with a larger max batch")
+        raise _Unsupported(f"the engine takes batches of at most {max_batch}; rebuild it with `edge-tl export MODEL.onnx --format engine --max-batch N`")
     rng, feed = np.random.default_rng(seed), {}
     for name, spec in specs.items():
         fixed = spec.shape[0] if spec.shape else None

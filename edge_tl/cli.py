@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edge_tl.artifacts import read_json
@@ -19,6 +20,7 @@ from edge_tl.cli_tables import (
     verification_table,
 )
 from edge_tl.errors import EdgeTLError
+from edge_tl.install_profile import require_training_side
 
 # off a terminal (logs, CI) rich assumes 80 columns and squeezes tables; results read better whole
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -89,6 +91,7 @@ def _finetune_config(**kwargs):
 def finetune(data_dir, out, backbone, img_size, ok_class, augmented_views, crop, group_pattern, seed, weights, strict,
              device, trunk_runtime, epochs, unfreeze, max_escape, no_pretrained, no_cache, force):
     """Fine-tune a pretrained backbone with its trunk frozen on an ImageFolder DATA_DIR."""
+    require_training_side("finetune")
     from edge_tl.finetune import finetune as run_finetune
 
     cfg = _finetune_config(backbone=backbone, img_size=img_size, epochs=epochs, unfreeze=unfreeze,
@@ -110,6 +113,7 @@ def finetune(data_dir, out, backbone, img_size, ok_class, augmented_views, crop,
               help="auto, cpu or cuda: where the predictions run (auto: a CUDA GPU if PyTorch sees one).")
 def evaluate(run_dir, data_dir, out, device):
     """Evaluate a fine-tuned RUN_DIR on another DATA_DIR with the same classes."""
+    require_training_side("evaluate")
     from edge_tl.finetune import evaluate as run_evaluate
 
     metrics = run_evaluate(run_dir, data_dir, out, device)
@@ -124,6 +128,7 @@ def evaluate(run_dir, data_dir, out, device):
 def cross_validate(data_dir, folds, out, backbone, img_size, ok_class, augmented_views, crop, group_pattern, seed,
                    weights, strict, device, trunk_runtime):
     """Cross-validate finetune's frozen-trunk head on DATA_DIR: every image scored once, out of fold."""
+    require_training_side("cv")
     from edge_tl.crossval import cross_validate as run_cross_validation
 
     cfg = _finetune_config(backbone=backbone, img_size=img_size, ok_class=ok_class, seed=seed,
@@ -180,6 +185,7 @@ def _print_json_summary(title: str, values: dict, keys: tuple[str, ...]) -> None
 @click.option("--seed", type=int, default=0, show_default=True)
 def prune(run_dir, sparsity, method, align, recover_epochs, distill, require_speedup, sweep, seed):
     """Prune a fine-tuned RUN_DIR with NNI, recover accuracy, and write RUN_DIR/pruned/."""
+    require_training_side("prune", compression=True)
     from edge_tl.prune_stage import PruneConfig, prune_run, sweep_run
 
     cfg = PruneConfig(sparsity=sparsity, method=method, align=align, recover_epochs=recover_epochs, distill=distill,
@@ -222,6 +228,7 @@ def prune(run_dir, sparsity, method, align, recover_epochs, distill, require_spe
 def quantize(run_dir, stage, mode, calib_images, method, qat_epochs, float_head, float_stem, reconstruct, refit_head,
              seed):
     """INT8 ranges with NNI (PTQ or QAT) -> RUN_DIR/quantized/STAGE/calibration.json and metrics."""
+    require_training_side("quantize", compression=True)
     from edge_tl.quantize import QuantizeConfig
     from edge_tl.quantize import quantize as run_quantize
 
@@ -235,43 +242,101 @@ def quantize(run_dir, stage, mode, calib_images, method, qat_epochs, float_head,
 
 
 @cli.command(name="export")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["onnx", "engine"]), default="onnx", show_default=True)
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "engine"]), default=None,
+              help="onnx (default for a run directory) or engine (the only choice for MODEL.onnx).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
 @click.option("--stage", type=click.Choice(["float", "pruned"]), default="float", show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True)
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
-              help="INT8 ONNX flavour: uint8 activations for ONNX Runtime, int8 Q/DQ for TensorRT.")
+@click.option("--target", "qdq_target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="INT8 ONNX flavour: uint8 activations for ONNX Runtime, int8 Q/DQ for TensorRT.")
 @click.option("--dla-core", type=int, default=None, help="Jetson DLA core for engines (GPU fallback on).")
+@click.option("--max-batch", type=int, default=None,
+              help="Largest batch the engine takes (profile: min 1, opt and max N; default 8 for MODEL.onnx, 1 for a "
+                   "run directory).")
 @click.option("--workspace", "workspace_mb", type=int, default=1024, show_default=True, help="Builder workspace, MB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None)
-def export_command(run_dir, fmt, precision, stage, opset, dynamic_batch, target, dla_core, workspace_mb, timing_cache):
-    """Export a run's float or pruned model to ONNX (fp32/fp16/int8 Q/DQ) or a TensorRT engine."""
+@click.option("--calibration-cache", type=click.Path(path_type=Path), default=None,
+              help="Implicit-INT8 cache for an FP32 MODEL.onnx (default: the one its manifest names).")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Engine file for MODEL.onnx (default: beside it, model.STAGE.PRECISION.engine).")
+def export_command(target, fmt, precision, stage, opset, dynamic_batch, qdq_target, dla_core, max_batch, workspace_mb,
+                   timing_cache, calibration_cache, out):
+    """Export a run's model to ONNX or an engine, or build an engine from an exported MODEL.onnx alone.
+
+    TARGET is a run directory (training side) or an .onnx file from `edge-tl export` (device side: its
+    metadata gives the preprocessing and stage; no run directory, no torch).
+    """
+    if target.suffix == ".onnx":
+        from export.engine_from_onnx import EngineConfig, build_engine_from_onnx
+
+        cfg = EngineConfig(format=fmt or "engine", precision=precision, dla_core=dla_core,
+                           max_batch=8 if max_batch is None else max_batch, workspace_mb=workspace_mb,
+                           timing_cache=str(timing_cache) if timing_cache else None,
+                           calibration_cache=str(calibration_cache) if calibration_cache else None,
+                           out=str(out) if out else None)
+        manifest = build_engine_from_onnx(target, cfg)
+        _print_json_summary(f"built {manifest['path']}", manifest, ("precision", "tensorrt_version", "gpu_name",
+                                                                   "dla_core", "size_bytes", "sha256"))
+        return
+    require_training_side("export RUN_DIR")
     from export.stage import ExportConfig, export_artifact
 
-    cfg = ExportConfig(format=fmt, precision=precision, stage=stage, opset=opset, dynamic_batch=dynamic_batch,
-                       target=target, dla_core=dla_core, workspace_mb=workspace_mb,
+    if calibration_cache is not None or out is not None:
+        from edge_tl.errors import ConfigError
+
+        raise ConfigError("--calibration-cache and --out apply to building an engine from MODEL.onnx; drop them for "
+                          "a run directory")
+    cfg = ExportConfig(format=fmt or "onnx", precision=precision, stage=stage, opset=opset,
+                       dynamic_batch=dynamic_batch, target=qdq_target, dla_core=dla_core,
+                       max_batch=1 if max_batch is None else max_batch, workspace_mb=workspace_mb,
                        timing_cache=str(timing_cache) if timing_cache else None)
-    manifest = export_artifact(run_dir, cfg)
+    manifest = export_artifact(target, cfg)
     _print_json_summary(f"exported {manifest['path']}", manifest, ("size_bytes", "max_abs_diff", "top1_agreement",
                                                                    "opset", "sha256"))
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="[RUN_DIR] ARTIFACT")
+@click.option("--pack", "pack", type=click.Path(path_type=Path), default=None,
+              help="Verification pack (export/verify-pack.STAGE.json): verify on the device, no run directory.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="Verify on this folder instead of the run's validation split.")
-@click.option("--max-drop", type=float, default=1.0, show_default=True, help="Allowed balanced-accuracy drop, points.")
-@click.option("--max-escape-rise", type=float, default=0.0, show_default=True, help="Allowed escape-rate rise, points.")
-def verify(run_dir, artifact, data_dir, max_drop, max_escape_rise):
-    """Check an exported ARTIFACT against the float model of its stage; exit 1 when the gate fails."""
-    from edge_tl.verify import check_gate
-    from edge_tl.verify import verify as run_verify
+              help="With RUN_DIR: verify on this folder instead of the validation split. With --pack: the folder "
+                   "holding the pack's images (class folders).")
+@click.option("--max-drop", type=float, default=None,
+              help="Allowed balanced-accuracy drop, points (default 1.0; with --pack, the pack's).")
+@click.option("--max-escape-rise", type=float, default=None,
+              help="Allowed escape-rate rise, points (default 0.0; with --pack, the pack's).")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="With --pack: the record's file (default: verify/ARTIFACT.json beside the artifact).")
+def verify(paths, pack, data_dir, max_drop, max_escape_rise, out):
+    """Check an exported ARTIFACT against the float model of its stage; exit 1 when the gate fails.
 
-    result = run_verify(run_dir, artifact, data_dir, max_drop=max_drop, max_escape_rise=max_escape_rise)
-    _print_json_summary(f"verify {Path(artifact).name}", result,
+    On the workstation: `verify RUN_DIR ARTIFACT`. On the device: `verify ARTIFACT --pack PACK --data DIR`,
+    comparing with the float logits the pack carries.
+    """
+    from edge_tl.errors import ConfigError
+    from edge_tl.verify import check_gate
+
+    if pack is not None:
+        if len(paths) != 1 or data_dir is None:
+            raise ConfigError("verify --pack takes one ARTIFACT and --data DIR (the folder with the pack's images), "
+                              "e.g. edge-tl verify model.float.int8.engine --pack verify-pack.float.json --data images")
+        from edge_tl.verify import verify_with_pack
+
+        result = verify_with_pack(paths[0], pack, data_dir, max_drop, max_escape_rise, out)
+    else:
+        if len(paths) != 2:
+            raise ConfigError("verify takes RUN_DIR ARTIFACT, or ARTIFACT --pack PACK --data DIR on the device")
+        if out is not None:
+            raise ConfigError("--out applies to verify --pack; RUN_DIR's record goes to RUN_DIR/verify/")
+        require_training_side("verify RUN_DIR ARTIFACT")
+        from edge_tl.verify import verify as run_verify
+
+        result = run_verify(paths[0], paths[1], data_dir, max_drop=1.0 if max_drop is None else max_drop,
+                            max_escape_rise=0.0 if max_escape_rise is None else max_escape_rise)
+    _print_json_summary(f"verify {Path(paths[-1]).name}", result,
                         ("num_samples", "top1_agreement", "max_abs_diff", "mean_abs_diff", "balanced_accuracy",
                          "float_balanced_accuracy", "balanced_accuracy_delta", "escape_rate_delta", "passed"))
     check_gate(result)
@@ -287,6 +352,7 @@ def verify(run_dir, artifact, data_dir, max_drop, max_escape_rise):
 @click.option("--force", is_flag=True, help="Start an existing run directory over.")
 def run_command(data_dir, out, recipe_path, ok_class, force):
     """Fine-tune, prune, quantize, export, verify, bench and report in one resumable command."""
+    require_training_side("run", compression=True)
     from edge_tl.pipeline import run_pipeline
     from edge_tl.recipe import load_recipe, with_ok_class
 
@@ -319,7 +385,11 @@ def bench(target, backends, batch, warmup, min_time_s, threads):
 
     cfg = BenchConfig(backends=_csv_list("--backends", backends, str), batch_sizes=_csv_list("--batch", batch, int),
                       warmup=warmup, min_time_s=min_time_s, threads=threads)
-    result = benchmark_artifact(target, cfg) if target.suffix in (".onnx", ".engine") else benchmark(target, cfg)
+    if target.suffix in (".onnx", ".engine"):
+        result = benchmark_artifact(target, cfg)
+    else:
+        require_training_side("bench RUN_DIR")
+        result = benchmark(target, cfg)
     console.print(bench_table(result))
     if target.is_dir():
         console.print(f"wrote {target / 'bench.json'} and {target / 'bench.csv'}")
@@ -360,6 +430,7 @@ def print_pipeline_result(result) -> None:
               help="Demo directory (default: edge-tl-demo in the system temp folder); replaced on each run.")
 def demo(out):
     """Run the pipeline on an embedded, generated surface-defect dataset."""
+    require_training_side("demo", compression=True)
     from edge_tl.demo import run_demo
 
     out = out or Path(tempfile.gettempdir()) / "edge-tl-demo"
@@ -373,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="edge-tl", standalone_mode=False)
     except EdgeTLError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        # escaped: messages name extras such as 'edge-tl[train]', which rich would read as markup
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return err.exit_code
     except click.exceptions.ClickException as err:
         err.show()

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import importlib.util
+import importlib
+import logging
 import math
 import os
 import platform
@@ -29,18 +30,18 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from edge_tl.install_profile import importable
 from edge_tl.runners.base import Runner
+
+logger = logging.getLogger(__name__)
 
 _BACKEND_MODULES = {"torch": ("torch",), "onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt", "pycuda")}
 
 
 def library_versions(*modules: str) -> dict[str, str]:
-    """Python's, torch's and numpy's versions plus each named module's ``__version__``, for manifests."""
-    import importlib
-
-    import torch
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    """Python's, torch's (None in the device install) and numpy's versions plus each named module's
+    ``__version__``, for manifests."""
+    versions = {"python": platform.python_version(), "torch": _version("torch"), "numpy": np.__version__}
     versions.update({name: importlib.import_module(name).__version__ for name in modules})
     return versions
 
@@ -70,24 +71,39 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _gpu() -> dict[str, Any]:
-    import torch
+def _version(module: str) -> str | None:
+    """``module.__version__``, or None when it is not installed (torch in the device install)."""
+    if not importable(module):
+        return None
+    return str(importlib.import_module(module).__version__)
 
-    if not torch.cuda.is_available():
-        return {"gpu": None, "cuda": None}
-    return {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
+
+def _gpu() -> dict[str, Any]:
+    """The GPU and CUDA version: from torch on the training side, from pycuda on a device without torch."""
+    if importable("torch"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"gpu": None, "cuda": None}
+        return {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
+    if importable("pycuda"):
+        import pycuda.driver as cuda
+
+        try:
+            cuda.init()
+            if cuda.Device.count():
+                return {"gpu": cuda.Device(0).name(), "cuda": ".".join(str(part) for part in cuda.get_version())}
+        except cuda.Error as err:  # no driver or no device: a machine record without a GPU
+            logger.info("no CUDA device for the machine record: %s", err)
+    return {"gpu": None, "cuda": None}
 
 
 def _tensorrt_version() -> str | None:
-    if importlib.util.find_spec("tensorrt") is None:
-        return None
-    import tensorrt
-
-    return str(tensorrt.__version__)
+    return _version("tensorrt")
 
 
 def _onnxruntime() -> dict[str, Any]:
-    if importlib.util.find_spec("onnxruntime") is None:
+    if not importable("onnxruntime"):
         return {"onnxruntime": None, "onnxruntime_providers": []}
     import onnxruntime as ort
 
@@ -97,7 +113,6 @@ def _onnxruntime() -> dict[str, Any]:
 def machine_record(threads: int) -> dict[str, Any]:
     """Everything that explains a latency: ``threads`` is the intra-op thread count the rows used."""
     import numpy
-    import torch
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
@@ -110,7 +125,7 @@ def machine_record(threads: int) -> dict[str, Any]:
         "os": platform.platform(),
         "python": sys.version.split()[0],
         "numpy": numpy.__version__,
-        "torch": torch.__version__,
+        "torch": _version("torch"),
         **_onnxruntime(),
         **_gpu(),
         "tensorrt": _tensorrt_version(),
@@ -119,7 +134,7 @@ def machine_record(threads: int) -> dict[str, Any]:
 
 def unavailable_reason(backend: str) -> str | None:
     """Why ``backend`` cannot run here (a package is missing), or None when it can."""
-    missing = [name for name in _BACKEND_MODULES[backend] if importlib.util.find_spec(name) is None]
+    missing = [name for name in _BACKEND_MODULES[backend] if not importable(name)]
     if not missing:
         return None
     fix = "pip install 'edge-tl[tensorrt]' on an NVIDIA GPU machine" if backend == "tensorrt" else (

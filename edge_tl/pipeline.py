@@ -210,7 +210,8 @@ def _export_plan(run_dir: Path, recipe: Recipe) -> list:
     """Every (config) to export: ONNX per precision and stage; engines where TensorRT is usable."""
     stages = ["float"] + (["pruned"] if recipe.extra("prune", "enabled") else [])
     quantized = set(recipe.extra("quantize", "stages"))
-    template = recipe.config("export")
+    gate = recipe.config("verify")  # the verification packs carry the run's gate to the device
+    template = replace(recipe.config("export"), max_drop=gate.max_drop, max_escape_rise=gate.max_escape_rise)
     plan = []
     for stage in stages:
         for precision in recipe.extra("export", "precisions"):
@@ -218,7 +219,7 @@ def _export_plan(run_dir: Path, recipe: Recipe) -> list:
                 logger.info("no INT8 export of the %s stage: it is not in quantize.stages", stage)
                 continue
             plan.append(replace(template, format="onnx", precision=precision, stage=stage,
-                                dla_core=None, timing_cache=None))
+                                dla_core=None, timing_cache=None, max_batch=1))
     engines = recipe.extra("export", "engines")
     if engines == "always" or (engines == "auto" and _engines_available()):
         for stage in stages:
@@ -248,7 +249,7 @@ def _export(runner: _Runner, run_dir: Path, recipe: Recipe) -> list[tuple[Path, 
             manifest = export_artifact(run_dir, cfg)
             artifact = Path(manifest["path"])
             manifest_file = onnx_manifest_path(artifact) if cfg.format == "onnx" else engine_manifest_path(artifact)
-            return [artifact, manifest_file]
+            return [artifact, manifest_file, export_dir(run_dir) / manifest["verification_pack"]["file"]]
 
         runner.step(f"export/{name}", _settings_hash(cfg, runner.files_hash(inputs)), do_export)
         artifacts.append((path, cfg.stage))

@@ -70,6 +70,9 @@ def _target(target: Path) -> tuple[Any, str, dict[str, Any], int | None]:
         if not (target / "run.json").is_file():
             raise ArtifactError(f"{target} has no run.json; pass a run directory from `edge-tl finetune` or an "
                                 ".onnx / .engine artifact")
+        from edge_tl.install_profile import require_training_side
+
+        require_training_side("predict RUN_DIR")
         from edge_tl.prune_stage import load_stage_model
         from edge_tl.runners.torch_runner import TorchRunner
 

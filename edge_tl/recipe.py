@@ -60,7 +60,7 @@ def _sections() -> dict[str, Section]:
         "finetune": Section(FinetuneConfig),
         "prune": Section(PruneConfig, extras={"enabled": True}),
         "quantize": Section(QuantizeConfig, hidden=("stage",), extras={"stages": ("float", "pruned")}),
-        "export": Section(ExportConfig, hidden=("format", "precision", "stage"),
+        "export": Section(ExportConfig, hidden=("format", "precision", "stage", "max_drop", "max_escape_rise"),
                           extras={"precisions": ("fp32", "fp16", "int8"), "engines": "auto",
                                   "engine_precisions": ("fp16", "int8")}),
         "verify": Section(VerifyConfig),

@@ -24,7 +24,7 @@ from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -51,7 +51,7 @@ def artifact_metadata(artifact: str | os.PathLike) -> dict[str, Any]:
     """The preprocessing metadata of an ONNX file (its metadata_props) or engine (its manifest)."""
     artifact = Path(artifact)
     if artifact.suffix == ".onnx":
-        from export.onnx_export import read_onnx_metadata
+        from export.onnx_metadata import read_onnx_metadata
 
         try:
             return read_onnx_metadata(artifact)
@@ -65,8 +65,9 @@ def artifact_metadata(artifact: str | os.PathLike) -> dict[str, Any]:
     return metadata
 
 
-def check_metadata(metadata: dict[str, Any], run_info: dict[str, Any], artifact: str | os.PathLike) -> None:
-    """The artifact must declare the run's stage set, input size, mean, std, classes and ok class."""
+def check_metadata(metadata: dict[str, Any], run_info: dict[str, Any], artifact: str | os.PathLike,
+                   source: str = "the run", fix: str = "re-export it from this run") -> None:
+    """The artifact must declare the run's (or a pack's) input size, mean, std, classes, ok class and crop."""
     name = Path(artifact).name
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
@@ -85,8 +86,8 @@ def check_metadata(metadata: dict[str, Any], run_info: dict[str, Any], artifact:
     for label, declared, expected, same in checks:
         if len(np.atleast_1d(declared)) != len(np.atleast_1d(expected)) or not same(declared, expected):
             raise ArtifactError(
-                f"{name} declares {label} {declared!r} but the run has {expected!r}; it was exported from another run, "
-                "re-export it from this run"
+                f"{name} declares {label} {declared!r} but {source} has {expected!r}; it was exported from another run, "
+                f"{fix}"
             )
 
 
@@ -150,7 +151,35 @@ def _load_images(records: Sequence, img_size: int, mean, std, crop: float) -> np
     return batch
 
 
-def _check_limits(max_drop: float, max_escape_rise: float) -> None:
+def image_batches(records: Sequence, metadata: dict[str, Any], batch_size: int) -> Iterator[np.ndarray]:
+    """The records decoded and preprocessed as ``metadata`` declares, ``batch_size`` images at a time."""
+    img_size = int(metadata["input_size"][0])
+    for start in range(0, len(records), batch_size):
+        yield _load_images(records[start:start + batch_size], img_size, metadata["mean"], metadata["std"],
+                           float(metadata.get("crop", 1.0)))
+
+
+def _stage_reference(run_dir: Path, stage: str, img_size: int, input_name: str = "input", output_name: str = "logits"):
+    from edge_tl.prune_stage import load_stage_model
+    from edge_tl.runners.torch_runner import TorchRunner
+
+    return TorchRunner(load_stage_model(run_dir, stage)[0], img_size, input_name, output_name)
+
+
+def float_logits(run_dir: str | os.PathLike, stage: str, records: Sequence, batch_size: int = DEFAULT_BATCH_SIZE
+                 ) -> np.ndarray:
+    """The float PyTorch model's logits of ``stage`` on ``records``, preprocessed as the run says:
+    what :func:`verify` compares an artifact with, and what a verification pack stores."""
+    run_info = read_json(Path(run_dir) / "run.json")
+    metadata = {"input_size": [run_info["img_size"]] * 2, "mean": run_info["mean"], "std": run_info["std"],
+                "crop": data_mod.run_crop(run_info)}
+    reference = _stage_reference(Path(run_dir), stage, int(run_info["img_size"]))
+    with reference:
+        return np.concatenate([run_batches(reference, images, "input", "logits", batch_size, False)
+                               for images in image_batches(records, metadata, batch_size)])
+
+
+def check_gate_settings(max_drop: float, max_escape_rise: float) -> None:
     for label, value in (("--max-drop", max_drop), ("--max-escape-rise", max_escape_rise)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ConfigError(f"{label} {value!r} must be a number of percentage points >= 0, e.g. 1.0")
@@ -187,9 +216,6 @@ def artifact_predictions(
     """Run ``artifact`` on the run's validation split (or ``data_dir``, with the run's classes) after
     checking its metadata against run.json; ``with_float`` also runs the float PyTorch model of the
     artifact's stage on the very same arrays. Images are decoded once, ``batch_size`` at a time."""
-    from edge_tl.prune_stage import load_stage_model
-    from edge_tl.runners.torch_runner import TorchRunner
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size {batch_size!r} must be an integer >= 1, e.g. {DEFAULT_BATCH_SIZE}")
     run_dir, artifact = Path(run_dir), Path(artifact)
@@ -206,15 +232,12 @@ def artifact_predictions(
     stage, img_size = metadata["stage"], int(metadata["input_size"][0])
     input_name, output_name = metadata["input_name"], metadata["output_name"]
 
-    model = load_stage_model(run_dir, stage)[0] if with_float else None
-    reference = None if model is None else TorchRunner(model, img_size, input_name, output_name)
+    reference = _stage_reference(run_dir, stage, img_size, input_name, output_name) if with_float else None
     runner, backend, max_batch = artifact_runner(artifact)
     artifact_parts, float_parts = [], []
     with runner, reference or nullcontext():
         size, exact = batch_plan(runner, input_name, batch_size, max_batch)
-        for start in range(0, len(records), batch_size):  # decode each image once, feed both runners
-            images = _load_images(records[start:start + batch_size], img_size, metadata["mean"], metadata["std"],
-                                  float(metadata.get("crop", 1.0)))
+        for images in image_batches(records, metadata, batch_size):  # decode each image once, feed both runners
             artifact_parts.append(run_batches(runner, images, input_name, output_name, size, exact))
             if reference is not None:
                 float_parts.append(run_batches(reference, images, input_name, output_name, batch_size, False))
@@ -274,7 +297,7 @@ def verify(
     ``max_drop`` and ``max_escape_rise`` are in percentage points. A failed gate is a result with
     ``passed`` false, not an exception: call :func:`check_gate` to raise it.
     """
-    _check_limits(max_drop, max_escape_rise)
+    check_gate_settings(max_drop, max_escape_rise)
     predictions = artifact_predictions(run_dir, artifact, data_dir, batch_size, with_float=True)
     artifact = Path(artifact)
     result = {
@@ -288,6 +311,66 @@ def verify(
     logger.info("%s vs float %s model on %d images: agreement %.4f, balanced accuracy %+.2f points -> %s",
                 artifact.name, result["stage"], result["num_samples"], result["top1_agreement"],
                 result["balanced_accuracy_delta"], "passed" if result["passed"] else "FAILED")
+    return result
+
+
+def device_verify_path(artifact: str | os.PathLike) -> Path:
+    """Where :func:`verify_with_pack` writes its record by default: ``verify/`` beside the artifact."""
+    return Path(artifact).parent / "verify" / f"{Path(artifact).name}.json"
+
+
+def verify_with_pack(
+    artifact: str | os.PathLike,
+    pack_file: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    max_drop: float | None = None,
+    max_escape_rise: float | None = None,
+    out: str | os.PathLike | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict[str, Any]:
+    """The device side of :func:`verify`: no float model, no run directory, no torch.
+
+    The artifact runs on the pack's validation images found under ``data_dir`` (each checked
+    against the sha256 the pack records), preprocessed from the artifact's own metadata, and is
+    compared with the pack's float logits by the same :func:`compare`: on the same images the
+    record and the verdict equal the workstation's. The gate defaults to the pack's settings.
+    Writes ``out`` (default :func:`device_verify_path`) and returns the record.
+    """
+    from edge_tl.verify_pack import VALIDATION_SPLIT, pack_records, read_pack
+
+    artifact, pack_file = Path(artifact), Path(pack_file)
+    if artifact.suffix not in ARTIFACT_SUFFIXES:
+        raise ConfigError(f"artifact {artifact.name} is neither .onnx nor .engine; pass an exported ONNX file or engine")
+    if not artifact.is_file():
+        raise ArtifactError(f"artifact {artifact} does not exist; copy it from the workstation or build it with "
+                            "`edge-tl export MODEL.onnx --format engine`")
+    pack = read_pack(pack_file)
+    max_drop = pack.max_drop if max_drop is None else max_drop
+    max_escape_rise = pack.max_escape_rise if max_escape_rise is None else max_escape_rise
+    check_gate_settings(max_drop, max_escape_rise)
+    metadata = artifact_metadata(artifact)
+    check_metadata(metadata, pack.preprocessing(), artifact, f"the pack {pack_file.name}",
+                   "pass the pack of the run and stage it was exported from")
+    if metadata["stage"] != pack.stage:
+        raise ArtifactError(f"{artifact.name} is a {metadata['stage']} artifact but {pack_file.name} holds the "
+                            f"{pack.stage} model's logits; pass verify-pack.{metadata['stage']}.json")
+    records = pack_records(pack, data_dir)
+    runner, backend, max_batch = artifact_runner(artifact)
+    with runner:
+        size, exact = batch_plan(runner, metadata["input_name"], batch_size, max_batch)
+        logits = np.concatenate([run_batches(runner, images, metadata["input_name"], metadata["output_name"], size,
+                                             exact) for images in image_batches(records, metadata, batch_size)])
+    result = {
+        "artifact": artifact.name, "artifact_sha256": sha256_file(artifact), "backend": backend,
+        "stage": pack.stage, "precision": metadata.get("precision"), "data": VALIDATION_SPLIT,
+        "classes": list(pack.classes),
+        **compare(pack.float_logits, logits, list(pack.labels), pack.classes, pack.ok_class, max_drop,
+                  max_escape_rise),
+        "float_reference": {"pack": pack_file.name, "pack_sha256": sha256_file(pack_file), "data_dir": str(data_dir)},
+    }
+    atomic_write_json(Path(out) if out is not None else device_verify_path(artifact), result)
+    logger.info("%s vs the pack's float %s logits on %d images: agreement %.4f -> %s", artifact.name, pack.stage,
+                result["num_samples"], result["top1_agreement"], "passed" if result["passed"] else "FAILED")
     return result
 
 

@@ -18,9 +18,8 @@ import numpy as np
 
 from edge_tl.artifacts import atomic_output_path, sha256_file
 from edge_tl.errors import ArtifactError
-from export.onnx_export import (
-    check_onnx, ort_session, parity_input, read_onnx_metadata, set_metadata, topological_sort,
-)
+from export.onnx_export import check_onnx, parity_input, topological_sort
+from export.onnx_metadata import ort_session, read_onnx_metadata, set_metadata
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,15 @@
 - ONNX: ``model.<stage>.<precision>.onnx`` (``model.<stage>.int8-trt.onnx`` for the TensorRT Q/DQ
   flavour) carrying the run's preprocessing in its metadata, and its manifest
   ``<file>.onnx.json`` (parity with PyTorch, sha256, size, opset, calibration hash, versions);
-- engines: ``model.<stage>.<precision>.engine`` built by :func:`export.tensorrt_build.build_engine`
-  from the ONNX file :func:`export.tensorrt_compat.plan_build` asks for (exported first, with its
-  own manifest), the engine manifest ``<file>.engine.manifest.json`` (with the preprocessing
-  metadata, so ``verify`` can feed the engine), and for INT8 on TensorRT <= 10 the implicit-INT8
-  calibration cache ``model.<stage>.int8.calib`` generated from calibration.json.
+- the TensorRT Q/DQ INT8 file also brings the implicit-INT8 pair ``model.<stage>.int8-implicit.onnx``
+  (an FP32 graph of the very weights calibration.json describes) and its TensorRT calibration cache
+  ``model.<stage>.int8-implicit.calib``: what DLA and TensorRT <= 10 build implicit INT8 from;
+- engines: ``model.<stage>.<precision>.engine``: the ONNX file :func:`export.tensorrt_compat.plan_build`
+  asks for is exported first (with its manifest), then built exactly as the device builds it
+  (:func:`export.engine_from_onnx.build_engine_from_onnx`), with the manifest
+  ``<file>.engine.manifest.json`` carrying the preprocessing metadata so ``verify`` can feed it;
+- ``verify-pack.<stage>.json`` (:mod:`edge_tl.verify_pack`): the float model's logits on the
+  validation images, for verifying on the device; every manifest records its sha256.
 
 INT8 reads ``RUN_DIR/quantized/<stage>/calibration.json``; when that quantize run tuned weights
 (QAT, or the PTQ head refit: ``model.safetensors`` beside it, folded weights) those are exported,
@@ -51,12 +55,17 @@ MIN_OPSET, MAX_OPSET = 13, 21
 MANIFEST_FORMAT = "edge-tl-export"
 MANIFEST_VERSION = 1
 _ONNX_FOR_PLAN = {"fp32": "fp32", "fp16": "fp16", "qdq": "int8"}
+# the TensorRT version tag written into implicit-INT8 caches: JetPack 6.1+'s; TensorRT ignores a
+# cache tagged for another version, so a device build rewrites the tag to its own (engine_from_onnx)
+IMPLICIT_CACHE_TRT_VERSION = "10.3.0"
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     """What to export. ``target`` picks the INT8 Q/DQ flavour of an ONNX export (engines always use
-    the TensorRT one); ``dla_core``, ``workspace_mb`` and ``timing_cache`` apply to engines only."""
+    the TensorRT one); ``dla_core``, ``workspace_mb`` and ``timing_cache`` apply to engines only.
+    ``max_drop`` and ``max_escape_rise`` are the gate the stage's verification pack carries to the
+    device (points, as :func:`edge_tl.verify.verify` takes them)."""
 
     format: str = "onnx"
     precision: str = "fp32"
@@ -67,6 +76,9 @@ class ExportConfig:
     dla_core: int | None = None
     workspace_mb: int = 1024
     timing_cache: str | None = None
+    max_batch: int = 1
+    max_drop: float = 1.0
+    max_escape_rise: float = 0.0
 
 
 def export_dir(run_dir: str | os.PathLike) -> Path:
@@ -103,8 +115,15 @@ def validate_config(cfg: ExportConfig) -> None:
         raise ConfigError(f"dynamic_batch {cfg.dynamic_batch!r} must be True or False")
     if isinstance(cfg.workspace_mb, bool) or not isinstance(cfg.workspace_mb, int) or cfg.workspace_mb < 1:
         raise ConfigError(f"--workspace {cfg.workspace_mb!r} must be an integer number of MB >= 1, e.g. 1024")
-    if cfg.format == "onnx" and (cfg.dla_core is not None or cfg.timing_cache is not None):
-        raise ConfigError("--dla-core and --timing-cache apply to --format engine only; drop them for ONNX")
+    from edge_tl.verify import check_gate_settings
+
+    check_gate_settings(cfg.max_drop, cfg.max_escape_rise)
+    if isinstance(cfg.max_batch, bool) or not isinstance(cfg.max_batch, int) or cfg.max_batch < 1:
+        raise ConfigError(f"--max-batch {cfg.max_batch!r} must be an integer >= 1, e.g. 8")
+    if cfg.format == "onnx" and (cfg.dla_core is not None or cfg.timing_cache is not None or cfg.max_batch != 1):
+        raise ConfigError("--dla-core, --max-batch and --timing-cache apply to --format engine only; drop them for ONNX")
+    if cfg.max_batch > 1 and not cfg.dynamic_batch:
+        raise ConfigError(f"--max-batch {cfg.max_batch} needs a dynamic-batch ONNX; drop --static-batch or --max-batch")
 
 
 def _check_run(run_dir: Path, cfg: ExportConfig) -> None:
@@ -116,9 +135,9 @@ def _check_run(run_dir: Path, cfg: ExportConfig) -> None:
     if cfg.precision == "int8":
         _checked_calibration(run_dir, cfg.stage, int(read_json(run_dir / "run.json")["img_size"]))
     if cfg.format == "engine":
-        from export.tensorrt_compat import import_tensorrt, plan_build
+        from export.tensorrt_compat import import_tensorrt
 
-        plan_build(import_tensorrt().__version__, cfg.precision, "qdq", cfg.dla_core)
+        _engine_source(import_tensorrt().__version__, cfg)
 
 
 def _checked_calibration(run_dir: Path, stage: str, img_size: int) -> tuple[Calibration, Path | None]:
@@ -195,6 +214,14 @@ def _publish(staged: Path, final: Path, manifest_path: Path, manifest: dict[str,
     atomic_write_json(manifest_path, manifest)
 
 
+def _pack_facts(run_dir: Path, cfg: ExportConfig) -> dict[str, Any]:
+    """The stage's verification pack (written unless current) as the manifest records it."""
+    from edge_tl.verify_pack import ensure_pack
+
+    path, digest = ensure_pack(run_dir, cfg.stage, cfg.max_drop, cfg.max_escape_rise)
+    return {"file": path.name, "sha256": digest}
+
+
 def versions() -> dict[str, str]:
     """What an export manifest records of the software that made it."""
     return library_versions("edge_tl", "onnx", "onnxruntime")
@@ -213,11 +240,8 @@ def _torch_parity(onnx_path: Path, model: nn.Module, img_size: int, dynamic_batc
 
 def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: dict) -> dict[str, Any]:
     from export.fp16 import export_fp16_onnx
-    from export.onnx_export import (
-        export_onnx,
-        preprocessing_metadata,
-        read_onnx_metadata,
-    )
+    from export.onnx_export import export_onnx
+    from export.onnx_metadata import preprocessing_metadata, read_onnx_metadata
     from export.qdq import export_qdq_onnx
 
     img_size = int(run_info["img_size"])
@@ -232,6 +256,7 @@ def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: d
         "img_size": img_size, "backbone": run_info.get("backbone"),
         "run_json_sha256": sha256_file(run_dir / "run.json"),
     }
+    implicit = None
     with _staging(export_dir(run_dir)) as staging:
         staged = staging / name
         if cfg.precision == "fp32":
@@ -256,6 +281,8 @@ def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: d
                 "quantized_weights", "quantized_activations", "float_activations", "float_layers", "activation_dtype",
                 "ort_ops")}
             manifest["top1_agreement"] = report["top1_agreement"]
+            if cfg.target == "tensorrt":
+                implicit = (quantized, calibration, facts)
         manifest.update({
             "max_abs_diff": report["max_abs_diff"],
             "parity_input": f"standard normal, seed 0, batch {2 if cfg.dynamic_batch else 1}",
@@ -264,57 +291,79 @@ def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: d
         })
         if "max_abs_diff_vs_fp32" in report:
             manifest["max_abs_diff_vs_fp32"] = report["max_abs_diff_vs_fp32"]
+        manifest["verification_pack"] = _pack_facts(run_dir, cfg)
         _publish(staged, final, onnx_manifest_path(final), manifest)
+    if implicit is not None:
+        base = {key: manifest[key] for key in ("format", "version", "artifact_format", "stage", "opset", "dynamic_batch",
+                                               "img_size", "backbone", "run_json_sha256")}
+        _export_implicit_int8(run_dir, cfg, *implicit, metadata, base)
     manifest["path"] = str(final)
     logger.info("exported %s: %d bytes, max |ONNX - PyTorch| = %.2e", final, manifest["size_bytes"], manifest["max_abs_diff"])
     return manifest
 
 
-def _export_engine(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: dict) -> dict[str, Any]:
-    from export.onnx_export import export_onnx
-    from export.onnx_ranges import export_tensorrt_cache
-    from export.tensorrt_build import build_engine, manifest_path
-    from export.tensorrt_compat import import_tensorrt, parse_version, plan_build
+def implicit_int8_names(stage: str) -> tuple[str, str]:
+    """The implicit-INT8 pair: an FP32 ONNX of the quantized weights and its TensorRT calibration cache."""
+    return f"model.{stage}.int8-implicit.onnx", f"model.{stage}.int8-implicit.calib"
 
-    trt_version = import_tensorrt().__version__
-    plan = plan_build(trt_version, cfg.precision, "qdq", cfg.dla_core)
-    onnx_cfg = replace(cfg, format="onnx", precision=_ONNX_FOR_PLAN[plan.onnx_kind], target="tensorrt",
-                       dla_core=None, timing_cache=None)
-    source = _export_onnx(run_dir, onnx_cfg, model, run_info)
-    img_size = int(run_info["img_size"])
-    name = artifact_name(cfg.stage, cfg.precision, "engine")
-    final = export_dir(run_dir) / name
-    calibration = source.get("calibration")
+
+def _export_implicit_int8(run_dir: Path, cfg: ExportConfig, quantized: nn.Module, calibration: Calibration,
+                          facts: dict[str, Any], metadata: dict[str, Any], base: dict[str, Any]) -> None:
+    """Write the implicit-INT8 pair beside the TensorRT Q/DQ file (for DLA and TensorRT <= 10).
+
+    The ONNX is exported from the very model (BN-folded, tuned weights) the calibration ranges
+    describe, and the cache names that file's tensors; its manifest pairs them by sha256. The cache
+    header carries :data:`IMPLICIT_CACHE_TRT_VERSION`; the device build rewrites it to its own.
+    """
+    from export.onnx_export import export_onnx
+    from export.onnx_metadata import read_onnx_metadata
+    from export.onnx_ranges import export_tensorrt_cache
+
+    onnx_name, cache_name = implicit_int8_names(cfg.stage)
     with _staging(export_dir(run_dir)) as staging:
-        staged = staging / name
-        cache_name = None
-        if cfg.precision == "int8" and parse_version(trt_version)[0] < 11:
-            # implicit INT8 (JetPack 5/6 DLA, older builds): the cache names tensors of the FP32 ONNX
-            quantized, calib, _ = load_int8_model(run_dir, cfg.stage, model, img_size)
-            fp32_path = staging / artifact_name(cfg.stage, "fp32")
-            metadata = {key: source["metadata"][key] for key in ("mean", "std", "class_names", "crop")
-                        if key in source["metadata"]}
-            export_onnx(quantized, img_size, fp32_path, cfg.opset, cfg.dynamic_batch, metadata)
-            cache_name = f"model.{cfg.stage}.int8.calib"
-            export_tensorrt_cache(fp32_path, quantized, calib, staging / cache_name, trt_version)
-        built = build_engine(
-            Path(source["path"]), staged, cfg.precision, img_size, int8_source="qdq",
-            calibration_hash=calibration["sha256"] if calibration else None, dla_core=cfg.dla_core,
-            workspace_mb=cfg.workspace_mb, timing_cache=cfg.timing_cache,
-        )
+        report = export_onnx(quantized, base["img_size"], staging / onnx_name, cfg.opset, cfg.dynamic_batch,
+                             {**metadata, "int8_calibration": "implicit", "int8_weights": facts["weights"]})
+        scales = export_tensorrt_cache(staging / onnx_name, quantized, calibration, staging / cache_name,
+                                       IMPLICIT_CACHE_TRT_VERSION)
         manifest = {
-            **built, "artifact": name, "artifact_format": "engine", "stage": cfg.stage,
-            "source_onnx_manifest": onnx_manifest_path(source["artifact"]).name, "metadata": source["metadata"],
-            "calibration": calibration, "calibration_cache": cache_name,
-            "calibration_cache_onnx": artifact_name(cfg.stage, "fp32") if cache_name else None,
-            "sha256": sha256_file(staged), "size_bytes": staged.stat().st_size, "versions": versions(),
+            **base, "artifact": onnx_name, "precision": "fp32", "purpose": "implicit INT8 (DLA, TensorRT <= 10)",
+            "calibration": facts, "max_abs_diff": report["max_abs_diff"],
+            "parity_reference": f"PyTorch {cfg.stage} model, BN-folded"
+                                + (", tuned weights" if facts["weights"] == "tuned" else ""),
+            "calibration_cache": {"file": cache_name, "sha256": sha256_file(staging / cache_name),
+                                  "tensors": len(scales), "version_tag_written": IMPLICIT_CACHE_TRT_VERSION},
+            "sha256": sha256_file(staging / onnx_name), "size_bytes": (staging / onnx_name).stat().st_size,
+            "metadata": read_onnx_metadata(staging / onnx_name), "versions": versions(),
+            "verification_pack": _pack_facts(run_dir, cfg),
         }
-        if cache_name:
-            os.replace(staging / cache_name, export_dir(run_dir) / cache_name)
-        _publish(staged, final, manifest_path(final), manifest)
-    manifest["path"] = str(final)
-    logger.info("built %s (%s, TensorRT %s) from %s", final, cfg.precision, trt_version, source["artifact"])
-    return manifest
+        final = export_dir(run_dir) / onnx_name
+        onnx_manifest_path(final).unlink(missing_ok=True)
+        os.replace(staging / cache_name, export_dir(run_dir) / cache_name)
+        _publish(staging / onnx_name, final, onnx_manifest_path(final), manifest)
+
+
+def _engine_source(trt_version: str, cfg: ExportConfig) -> tuple[str, bool]:
+    """(ONNX precision to export, whether the implicit-INT8 pair is the source) for an engine request."""
+    from export.tensorrt_compat import parse_version, plan_build
+
+    implicit = cfg.precision == "int8" and cfg.dla_core is not None and parse_version(trt_version)[0] < 11
+    plan = plan_build(trt_version, cfg.precision, "cache" if implicit else "qdq", cfg.dla_core)
+    return _ONNX_FOR_PLAN[plan.onnx_kind] if not plan.calibration_cache else "int8", plan.calibration_cache
+
+
+def _export_engine(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: dict) -> dict[str, Any]:
+    """Export the ONNX file the installed TensorRT builds from, then build it as the device would."""
+    from export.engine_from_onnx import EngineConfig, build_engine_from_onnx
+    from export.tensorrt_compat import import_tensorrt
+
+    onnx_precision, implicit = _engine_source(import_tensorrt().__version__, cfg)
+    source = _export_onnx(run_dir, replace(cfg, format="onnx", precision=onnx_precision, target="tensorrt",
+                                           dla_core=None, timing_cache=None, max_batch=1), model, run_info)
+    onnx_path = export_dir(run_dir) / implicit_int8_names(cfg.stage)[0] if implicit else Path(source["path"])
+    return build_engine_from_onnx(onnx_path, EngineConfig(
+        precision=cfg.precision, dla_core=cfg.dla_core, max_batch=cfg.max_batch, workspace_mb=cfg.workspace_mb,
+        timing_cache=cfg.timing_cache, out=str(export_dir(run_dir) / artifact_name(cfg.stage, cfg.precision, "engine")),
+    ))
 
 
 def export_artifact(run_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig()) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from edge_tl.backbones import EdgeClassifier, Trunk, build_model
 from edge_tl.errors import ArtifactError, BackendUnavailableError, ConfigError
 from edge_tl.fold import find_conv_bn_pairs, fold_batchnorm
 from export.fp16 import export_fp16_onnx
-from export.onnx_export import export_onnx, ort_session, read_onnx_metadata
+from export.onnx_export import export_onnx
+from export.onnx_metadata import ort_session, read_onnx_metadata
 from export.onnx_ranges import export_tensorrt_cache, map_nodes_to_modules
 from export.qdq import TARGETS, export_qdq_onnx, fused_op_counts
 from export.tensorrt_build import check_qdq_for_tensorrt

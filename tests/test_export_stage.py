@@ -17,7 +17,8 @@ from edge_tl.artifacts import atomic_write_json, read_json, save_weights, sha256
 from edge_tl.errors import ArtifactError, BackendUnavailableError, ConfigError
 from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint, run_records
 from edge_tl.fold import fold_batchnorm
-from export.onnx_export import ort_session, parity_input, read_onnx_metadata
+from export.onnx_export import parity_input
+from export.onnx_metadata import ort_session, read_onnx_metadata
 from export.stage import ExportConfig, artifact_name, export_artifact, validate_config
 from export.tensorrt_build import check_qdq_for_tensorrt
 from helpers import write_ptq_calibration
@@ -54,7 +55,9 @@ def test_exports_write_named_files_and_manifests(run_dir, exported):
     run_info = read_json(run_dir / "run.json")
     folder = run_dir / "export"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        f"model.float.{p}.onnx{suffix}" for p in ("fp32", "fp16", "int8") for suffix in ("", ".json"))
+        [f"model.float.{p}.onnx{suffix}" for p in ("fp32", "fp16", "int8") for suffix in ("", ".json")]
+        + ["verify-pack.float.json"])
+    pack_sha256 = sha256_file(folder / "verify-pack.float.json")
     for precision, manifest in exported.items():
         path = folder / f"model.float.{precision}.onnx"
         assert manifest["path"] == str(path)
@@ -63,6 +66,7 @@ def test_exports_write_named_files_and_manifests(run_dir, exported):
         assert on_disk["sha256"] == sha256_file(path) and on_disk["size_bytes"] == path.stat().st_size
         assert on_disk["opset"] == 17 and on_disk["stage"] == "float" and on_disk["precision"] == precision
         assert set(on_disk["versions"]) == VERSION_KEYS
+        assert on_disk["verification_pack"] == {"file": "verify-pack.float.json", "sha256": pack_sha256}
         metadata = read_onnx_metadata(path)
         assert metadata["precision"] == precision and metadata["stage"] == "float"
         assert metadata["class_names"] == run_info["classes"] == ["crack", "ok", "scratch", "spot"]
@@ -240,7 +244,7 @@ def test_stage_and_precision_mismatches_are_artifact_errors(run_dir, tmp_path):
     (ExportConfig(format="engine", precision="fp32"), "--format engine needs --precision fp16 or int8"),
     (ExportConfig(opset=11), "--opset 11 is not supported; use 13 to 21"),
     (ExportConfig(workspace_mb=0), "--workspace 0 must be an integer number of MB >= 1"),
-    (ExportConfig(dla_core=0), "--dla-core and --timing-cache apply to --format engine only"),
+    (ExportConfig(dla_core=0), "--dla-core, --max-batch and --timing-cache apply to --format engine only"),
 ])
 def test_bad_settings_fail_before_any_work(cfg, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -11,6 +11,7 @@ import yaml
 from edge_tl.cli import main
 from edge_tl.pipeline import STATE_FILE, dataset_fingerprint, run_pipeline
 from edge_tl.recipe import recipe_from_dict
+from edge_tl.verify_pack import read_pack
 
 PX = 64
 RAW_RECIPE = {
@@ -77,7 +78,9 @@ def test_changed_setting_redoes_only_what_it_reaches(finished_run, surface_datas
     raw = {**RAW_RECIPE, "verify": {"max_drop": 50.0, "max_escape_rise": 100.0}}
     result = run_pipeline(surface_dataset, run_dir, recipe_from_dict(raw))
     done = [step.name for step in result.steps if step.status == "done"]
-    assert done == [name for name in EXPECTED_STEPS if name.startswith("verify/")] + ["bench", "report"]
+    # the gate reaches the exports too: each stage's verification pack carries it to the device
+    assert done == [name for name in EXPECTED_STEPS if name.startswith(("export/", "verify/"))] + ["bench", "report"]
+    assert read_pack(run_dir / "export" / "verify-pack.float.json").max_drop == 50.0
     assert all(v["max_drop"] == 50.0 for v in result.verification)
 
 
@@ -102,7 +105,8 @@ def test_interrupted_run_resumes_at_the_step_that_was_cut(finished_run, surface_
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(surface_dataset, run_dir, recipe_from_dict(RAW_RECIPE))
     assert sorted(p.name for p in (run_dir / "export").iterdir()) == ["model.float.fp32.onnx",
-                                                                     "model.float.fp32.onnx.json"]
+                                                                     "model.float.fp32.onnx.json",
+                                                                     "verify-pack.float.json"]
     monkeypatch.setattr(export.stage, "export_artifact", real_export)
     result = run_pipeline(surface_dataset, run_dir, recipe_from_dict(RAW_RECIPE))
     status = {step.name: step.status for step in result.steps}

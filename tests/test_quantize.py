@@ -26,7 +26,7 @@ from edge_tl.quantize import (
     quantize,
     validate_config,
 )
-from export.onnx_export import ort_session
+from export.onnx_metadata import ort_session
 from export.stage import ExportConfig, export_artifact
 
 METRIC_KEYS = {"classes", "num_samples", "accuracy", "balanced_accuracy", "per_class", "confusion_matrix",

@@ -19,7 +19,7 @@ from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint, predict_
 from edge_tl.fold import fold_batchnorm
 from edge_tl.metrics import classification_metrics
 from edge_tl.verify import artifact_predictions, check_gate, compare, verify
-from export.onnx_export import set_metadata
+from export.onnx_metadata import set_metadata
 from export.stage import ExportConfig, export_artifact
 from helpers import write_slim_pruned
 

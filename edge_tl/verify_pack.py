@@ -1,0 +1,196 @@
+"""The verification pack: what the device needs to verify an artifact without the float model.
+
+A TensorRT engine has to be built and checked on the Jetson that runs it, where torch, timm and
+the run directory are not. At export time the training side writes, beside the artifacts of a
+stage, ``RUN_DIR/export/verify-pack.<stage>.json``:
+
+- the float model's logits on the run's validation images (float32 values, exactly as verify
+  computes them), their labels, and each image's path (``class/file``, relative to the dataset
+  folder) and sha256;
+- the classes, the ok class, the preprocessing (input size, mean, std, centre crop) and the gate
+  settings (``max_drop``, ``max_escape_rise``);
+- what it was made from: the sha256 of run.json and of the stage's weights, so an export reuses a
+  pack that is still current and rewrites one that is not.
+
+No image tensors: a few hundred images make a pack of tens of kB. Every artifact manifest records
+the pack's sha256. :func:`read_pack` and :func:`pack_records` (the images checked against their
+hashes) need numpy only, so the light device install verifies with them; :func:`ensure_pack`
+(training side) computes the float logits with the stage's PyTorch model.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_tl.artifacts import atomic_write_json, read_json, sha256_file
+from edge_tl.data import ImageRecord
+from edge_tl.errors import ArtifactError, DatasetError
+
+logger = logging.getLogger(__name__)
+
+PACK_FORMAT = "edge-tl-verify-pack"
+PACK_VERSION = 1
+VALIDATION_SPLIT = "validation split"
+
+
+def pack_path(run_dir: str | os.PathLike, stage: str) -> Path:
+    return Path(run_dir) / "export" / f"verify-pack.{stage}.json"
+
+
+def stage_model_files(run_dir: str | os.PathLike, stage: str) -> list[Path]:
+    """The weight files that define a stage's float model."""
+    run_dir = Path(run_dir)
+    if stage == "float":
+        return [run_dir / "model.safetensors"]
+    return [run_dir / "pruned" / "model.safetensors", run_dir / "pruned" / "shape.json"]
+
+
+@dataclass(frozen=True)
+class VerificationPack:
+    """A stage's float reference on labelled images, with the preprocessing and the gate settings."""
+
+    stage: str
+    classes: tuple[str, ...]
+    ok_class: str | None
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop: float
+    files: tuple[str, ...]
+    sha256: tuple[str, ...]
+    labels: tuple[int, ...]
+    float_logits: np.ndarray
+    max_drop: float
+    max_escape_rise: float
+    sources: dict[str, str]  # file name -> sha256 of what the pack was made from
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The run.json-shaped facts :func:`edge_tl.verify.check_metadata` compares an artifact with."""
+        return {"img_size": self.img_size, "mean": list(self.mean), "std": list(self.std),
+                "classes": list(self.classes), "ok_class": self.ok_class, "crop": self.crop}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PACK_FORMAT, "version": PACK_VERSION, "stage": self.stage, "data": VALIDATION_SPLIT,
+            "classes": list(self.classes), "ok_class": self.ok_class, "input_size": [self.img_size, self.img_size],
+            "mean": list(self.mean), "std": list(self.std), "crop": self.crop,
+            "gate": {"max_drop": self.max_drop, "max_escape_rise": self.max_escape_rise},
+            "sources": dict(self.sources),
+            "images": [{"path": path, "sha256": digest, "label": label}
+                       for path, digest, label in zip(self.files, self.sha256, self.labels)],
+            # float32 values as JSON numbers: a double's repr round-trips each float32 exactly
+            "float_logits": [[float(value) for value in row] for row in self.float_logits.astype(np.float32)],
+        }
+
+
+def _pack_error(path: Path, problem: str) -> ArtifactError:
+    return ArtifactError(f"{path} is not a usable verification pack ({problem}); copy it again from the "
+                         "workstation's RUN_DIR/export or re-export the artifact")
+
+
+def read_pack(path: str | os.PathLike) -> VerificationPack:
+    """Load and check a pack written by :func:`write_pack` (format, shapes, labels, gate)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"verification pack {path} does not exist; copy RUN_DIR/export/verify-pack.STAGE.json "
+                            "from the workstation")
+    raw = read_json(path)
+    if not isinstance(raw, dict) or raw.get("format") != PACK_FORMAT:
+        raise _pack_error(path, f"format is not {PACK_FORMAT}")
+    if raw.get("version") != PACK_VERSION:
+        raise _pack_error(path, f"version {raw.get('version')!r}, this edge-tl reads version {PACK_VERSION}")
+    try:
+        images, classes = raw["images"], tuple(raw["classes"])
+        logits = np.asarray(raw["float_logits"], dtype=np.float32)
+        pack = VerificationPack(
+            stage=str(raw["stage"]), classes=classes, ok_class=raw.get("ok_class"),
+            img_size=int(raw["input_size"][0]), mean=tuple(raw["mean"]), std=tuple(raw["std"]), crop=float(raw["crop"]),
+            files=tuple(str(image["path"]) for image in images), sha256=tuple(str(image["sha256"]) for image in images),
+            labels=tuple(int(image["label"]) for image in images), float_logits=logits,
+            max_drop=float(raw["gate"]["max_drop"]), max_escape_rise=float(raw["gate"]["max_escape_rise"]),
+            sources=dict(raw.get("sources", {})),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise _pack_error(path, f"{type(err).__name__}: {err}") from err
+    if not pack.files or logits.shape != (len(pack.files), len(classes)):
+        raise _pack_error(path, f"float logits of shape {logits.shape} for {len(pack.files)} images, {len(classes)} classes")
+    if not np.isfinite(logits).all() or any(not 0 <= label < len(classes) for label in pack.labels):
+        raise _pack_error(path, "non-finite logits or a label outside the classes")
+    if not all(math.isfinite(v) and v >= 0 for v in (pack.max_drop, pack.max_escape_rise)):
+        raise _pack_error(path, "gate settings must be numbers of points >= 0")
+    return pack
+
+
+def write_pack(path: str | os.PathLike, pack: VerificationPack) -> str:
+    """Write ``pack`` atomically; returns its sha256."""
+    atomic_write_json(path, pack.to_json())
+    return sha256_file(path)
+
+
+def pack_records(pack: VerificationPack, data_dir: str | os.PathLike) -> list[ImageRecord]:
+    """The pack's images under ``data_dir``, each checked against its sha256 before anything runs."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DatasetError(f"--data {data_dir} is not a folder; pass the folder holding the pack's class folders")
+    missing, changed = [], []
+    for rel, digest in zip(pack.files, pack.sha256):
+        file = data_dir / rel
+        if not file.is_file():
+            missing.append(rel)
+        elif sha256_file(file) != digest:
+            changed.append(rel)
+    if missing:
+        raise DatasetError(f"{len(missing)} of the pack's {len(pack.files)} images are not in {data_dir} (first: "
+                           f"{missing[0]}); copy the run's validation images with their class folders")
+    if changed:
+        raise DatasetError(f"{len(changed)} images in {data_dir} differ from the pack (first: {changed[0]}, sha256 "
+                           "mismatch); copy the validation images unchanged, byte for byte")
+    return [ImageRecord(data_dir / rel, label) for rel, label in zip(pack.files, pack.labels)]
+
+
+def pack_sources(run_dir: str | os.PathLike, stage: str) -> dict[str, str]:
+    run_dir = Path(run_dir)
+    files = [run_dir / "run.json"] + stage_model_files(run_dir, stage)
+    return {file.relative_to(run_dir).as_posix(): sha256_file(file) for file in files}
+
+
+def ensure_pack(run_dir: str | os.PathLike, stage: str, max_drop: float = 1.0, max_escape_rise: float = 0.0,
+                batch_size: int = 32) -> tuple[Path, str]:
+    """(path, sha256) of the stage's pack, written unless a current one (same sources and gate) exists.
+
+    Training side: the float logits come from :func:`edge_tl.verify.float_logits`, the very
+    computation the workstation's verify compares artifacts with.
+    """
+    from edge_tl.finetune import run_records
+    from edge_tl.verify import float_logits
+
+    run_dir = Path(run_dir)
+    path, sources = pack_path(run_dir, stage), pack_sources(run_dir, stage)
+    if path.is_file():
+        try:
+            current = read_pack(path)
+        except ArtifactError:
+            current = None
+        if current is not None and current.sources == sources and (current.max_drop, current.max_escape_rise) == (
+                float(max_drop), float(max_escape_rise)):
+            return path, sha256_file(path)
+    run_info = read_json(run_dir / "run.json")
+    records = run_records(run_info, "val")
+    logits = float_logits(run_dir, stage, records, batch_size)
+    pack = VerificationPack(
+        stage=stage, classes=tuple(run_info["classes"]), ok_class=run_info.get("ok_class"),
+        img_size=int(run_info["img_size"]), mean=tuple(run_info["mean"]), std=tuple(run_info["std"]),
+        crop=float(run_info.get("crop", 1.0)), files=tuple(run_info["split"]["val_files"]),
+        sha256=tuple(sha256_file(r.path) for r in records), labels=tuple(r.label for r in records),
+        float_logits=logits, max_drop=float(max_drop), max_escape_rise=float(max_escape_rise), sources=sources,
+    )
+    digest = write_pack(path, pack)
+    logger.info("wrote %s: float %s logits on %d validation images", path, stage, len(records))
+    return path, digest
+
