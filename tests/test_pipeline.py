@@ -152,3 +152,15 @@ def test_bench_and_report_verbs(finished_run, capsys):
     assert "report.md" in capsys.readouterr().out
     text = (run_dir / "report.md").read_text()
     assert "model.pruned.int8.onnx" in text and "recommended" in text.lower()
+
+
+def test_a_run_for_a_jetson_exports_the_tensorrt_int8_flavour_with_the_gate():
+    from edge_tl.pipeline import _export_plan
+    from export.stage import artifact_name
+
+    recipe = recipe_from_dict({"export": {"target": "tensorrt", "engines": "never"},
+                               "verify": {"max_drop": 2.5, "max_escape_rise": 1.0}})
+    plan = _export_plan(Path("unused"), recipe)
+    names = [artifact_name(cfg.stage, cfg.precision, cfg.format, cfg.target) for cfg in plan]
+    assert names == [f"model.{stage}.{tag}.onnx" for stage in ("float", "pruned") for tag in ("fp32", "fp16", "int8-trt")]
+    assert {(cfg.max_drop, cfg.max_escape_rise) for cfg in plan} == {(2.5, 1.0)}
