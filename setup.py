@@ -47,7 +47,7 @@ setup(
         "train": TRAIN_REQUIRES,
         # Jetson (aarch64): JetPack's TensorRT through --system-site-packages, never the registry's
         "tensorrt": ['tensorrt; platform_machine == "x86_64"', "pycuda"],
-        "dev": ["pytest>=7.4", "scikit-image>=0.21"],
+        "dev": ["pytest>=7.4", "scikit-image>=0.21", "mypy>=1.10"],
     },
     entry_points={"console_scripts": ["edge-tl=edge_tl.cli:main"]},
 )

@@ -354,10 +354,12 @@ def _engine_source(trt_version: str, cfg: ExportConfig) -> tuple[str, bool]:
 def _export_engine(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: dict) -> dict[str, Any]:
     """Export the ONNX file the installed TensorRT builds from, then build it as the device would."""
     from export.engine_from_onnx import EngineConfig, build_engine_from_onnx
-    from export.tensorrt_compat import import_tensorrt
+    from export.tensorrt_compat import import_tensorrt, max_onnx_opset
 
-    onnx_precision, implicit = _engine_source(import_tensorrt().__version__, cfg)
-    source = _export_onnx(run_dir, replace(cfg, format="onnx", precision=onnx_precision, target="tensorrt",
+    trt_version = import_tensorrt().__version__
+    onnx_precision, implicit = _engine_source(trt_version, cfg)
+    opset = min(cfg.opset, max_onnx_opset(trt_version) or cfg.opset)  # TensorRT 8.5 parses opset 17 at most
+    source = _export_onnx(run_dir, replace(cfg, format="onnx", precision=onnx_precision, target="tensorrt", opset=opset,
                                            dla_core=None, timing_cache=None, max_batch=1), model, run_info)
     onnx_path = export_dir(run_dir) / implicit_int8_names(cfg.stage)[0] if implicit else Path(source["path"])
     return build_engine_from_onnx(onnx_path, EngineConfig(

@@ -452,9 +452,11 @@ def test_fused_op_counts_of_fp32_model(tmp_path):
 
 def test_tensorrt_build_plans():
     plan = plan_build("8.5.2", "fp16")
-    assert plan.builder_flags == ("FP16",) and plan.explicit_batch_flag and plan.onnx_kind == "fp32"
-    plan = plan_build("8.6.1", "int8", "qdq", dla_core=0)
-    assert plan.builder_flags == ("INT8", "FP16", "GPU_FALLBACK") and plan.onnx_kind == "qdq" and plan.dla_core == 0
+    assert plan.builder_flags == ("FP16", "PREFER_PRECISION_CONSTRAINTS") and plan.explicit_batch_flag
+    assert plan.onnx_kind == "fp32"
+    plan = plan_build("8.6.1", "int8", "qdq", dla_core=0)  # DLA runs implicit INT8: the FP32 file and its cache
+    assert plan.builder_flags == ("INT8", "FP16", "GPU_FALLBACK") and plan.onnx_kind == "fp32"
+    assert plan.calibration_cache and plan.dla_core == 0
     plan = plan_build("10.3.0", "int8", "cache")
     assert plan.calibration_cache and plan.onnx_kind == "fp32" and not plan.explicit_batch_flag
     plan = plan_build("11.0.0", "fp16")
