@@ -471,3 +471,27 @@ def tiny_onnx(path: Path, kind: str = "fp32", batch: int | str = "batch", img_si
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+# --- engine inspector JSON as TensorRT writes it ------------------------------------------------------
+
+INT8 = "Thirty-two wide channel vectorized row major Int8 format"
+HALF = "Channel major FP16 format where channel % 8 == 0"
+FP32 = "Row major linear FP32"
+
+
+def layer_json(name: str, datatype: str) -> dict:
+    return {"Name": name, "LayerType": "CaskConvolution", "ParameterType": "Convolution",
+            "Inputs": [{"Format/Datatype": datatype}]}
+
+
+def inspector_for(plan) -> dict:
+    """What the inspector reports for a plan's engine built from :func:`tiny_onnx`'s file."""
+    if plan.dla_core is not None:
+        return {"Layers": [{"Name": "{ForeignNode[/stem/Conv.../head/Gemm]}", "LayerType": "DLA",
+                            "Inputs": [{"Format/Datatype": HALF}]}]}
+    if plan.expected_precision == "fp16":
+        return {"Layers": [layer_json("/stem/Conv + /stem/Relu", HALF), layer_json("/block/Conv", HALF)]}
+    stem = FP32 if plan.onnx_kind == "qdq" else INT8  # the Q/DQ file leaves the stem float
+    return {"Layers": [layer_json("/stem/Conv + /stem/Relu", stem), layer_json("/block/Conv", INT8),
+                       layer_json("/head/Gemm", FP32 if plan.onnx_kind == "qdq" else HALF)]}

@@ -22,20 +22,12 @@ from export.tensorrt_build import build_engine, manifest_path
 from export.tensorrt_compat import (
     BuildPlan, configure, create_network, engine_information, parse_version, plan_build, prefer_layer_precision,
 )
-from tensorrt_api_fake import API_DIR, VERSIONS, EnumValue, MissingName, api_names, install, tiny_onnx
+from tensorrt_api_fake import (
+    API_DIR, FP32, HALF, VERSIONS, EnumValue, MissingName, api_names, inspector_for, install, layer_json, tiny_onnx,
+)
 
 PX = 32
 BEFORE_11 = [v for v in VERSIONS if parse_version(v)[0] < 11]
-INT8 = "Thirty-two wide channel vectorized row major Int8 format"
-HALF = "Channel major FP16 format where channel % 8 == 0"
-FP32 = "Row major linear FP32"
-
-
-def _conv(name: str, datatype: str) -> dict:
-    return {"Name": name, "LayerType": "CaskConvolution", "ParameterType": "Convolution",
-            "Inputs": [{"Format/Datatype": datatype}]}
-
-
 def _plans(version: str) -> list[tuple[str, str, int | None]]:
     """Every (precision, int8_source, dla_core) the version builds; DLA on 11 needs 11.4.1+."""
     if parse_version(version)[0] >= 11:
@@ -130,23 +122,12 @@ def test_every_plan_configures_with_names_the_version_has(monkeypatch, version):
 # --- the whole build ---------------------------------------------------------------------------------
 
 
-def _inspector_for(plan: BuildPlan) -> dict:
-    if plan.dla_core is not None:
-        return {"Layers": [{"Name": "{ForeignNode[/stem/Conv.../head/Gemm]}", "LayerType": "DLA",
-                            "Inputs": [{"Format/Datatype": HALF}]}]}
-    if plan.expected_precision == "fp16":
-        return {"Layers": [_conv("/stem/Conv + /stem/Relu", HALF), _conv("/block/Conv", HALF)]}
-    stem = FP32 if plan.onnx_kind == "qdq" else INT8  # the Q/DQ file leaves the stem float
-    return {"Layers": [_conv("/stem/Conv + /stem/Relu", stem), _conv("/block/Conv", INT8),
-                       _conv("/head/Gemm", FP32 if plan.onnx_kind == "qdq" else HALF)]}
-
-
 @pytest.mark.parametrize("version", VERSIONS)
 def test_build_engine_runs_every_plan_on_the_version_names(monkeypatch, tmp_path, version):
     for precision, source, dla_core in _plans(version):
         trt_version = _plan_version(version, dla_core)
         plan = plan_build(trt_version, precision, source, dla_core)
-        trt, cuda = install(monkeypatch, version, __version__=trt_version, inspector=_inspector_for(plan),
+        trt, cuda = install(monkeypatch, version, __version__=trt_version, inspector=inspector_for(plan),
                             profile_shape=((1, 3, PX, PX), (8, 3, PX, PX), (8, 3, PX, PX)))
         onnx_path = tiny_onnx(tmp_path / f"{plan.onnx_kind}.onnx", plan.onnx_kind)
         cache = tmp_path / "model.int8.calib"
@@ -197,13 +178,13 @@ def test_calibrator_is_refused_on_tensorrt_11(monkeypatch):
 
 @pytest.mark.parametrize("version", BEFORE_11)
 def test_fp16_reports_a_convolution_left_fp32_and_int8_qdq_fails_loudly(monkeypatch, tmp_path, version, caplog):
-    layers = {"Layers": [_conv("/stem/Conv + /stem/Relu", HALF), _conv("/block/Conv", FP32)]}
+    layers = {"Layers": [layer_json("/stem/Conv + /stem/Relu", HALF), layer_json("/block/Conv", FP32)]}
     install(monkeypatch, version, inspector=layers)
     onnx_path = tiny_onnx(tmp_path / "fp32.onnx", "fp32")
     manifest = build_engine(onnx_path, tmp_path / "a.engine", "fp16", PX)
     assert manifest["fp32_convolutions"] == ["/block/Conv"] and manifest["convolution_input_types"] == {"fp16": 1, "fp32": 1}
     assert "1 convolutions of fp32.onnx stay FP32" in caplog.text
-    layers = {"Layers": [_conv("/stem/Conv + /stem/Relu", FP32), _conv("/block/Conv", HALF), _conv("/head/Gemm", FP32)]}
+    layers = {"Layers": [layer_json("/stem/Conv + /stem/Relu", FP32), layer_json("/block/Conv", HALF), layer_json("/head/Gemm", FP32)]}
     install(monkeypatch, version, inspector=layers)
     with pytest.raises(ArtifactError, match=r"dropped the requested int8.*; FP16: /block/Conv \(Q/DQ convolutions must run INT8\)"):
         build_engine(tiny_onnx(tmp_path / "qdq.onnx", "qdq"), tmp_path / "b.engine", "int8", PX)
@@ -212,7 +193,7 @@ def test_fp16_reports_a_convolution_left_fp32_and_int8_qdq_fails_loudly(monkeypa
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_timing_cache_is_written_back_only_when_accepted(monkeypatch, tmp_path, version, caplog):
-    inspector = {"Layers": [_conv("/stem/Conv", HALF), _conv("/block/Conv", HALF)]}
+    inspector = {"Layers": [layer_json("/stem/Conv", HALF), layer_json("/block/Conv", HALF)]}
     kind = "fp16" if parse_version(version)[0] >= 11 else "fp32"
     onnx_path = tiny_onnx(tmp_path / "m.onnx", kind)
     trt, _ = install(monkeypatch, version, inspector=inspector)
