@@ -10,16 +10,7 @@ from export.tensorrt_compat import (
     check_precision, float_convolutions, fp32_convolutions, layer_name_parts, max_onnx_opset, parse_version,
     plan_build,
 )
-from tensorrt_api_fake import tiny_onnx
-
-INT8 = "Thirty-two wide channel vectorized row major Int8 format"
-HALF = "Channel major FP16 format where channel % 8 == 0"
-FP32 = "Row major linear FP32"
-
-
-def _conv(name: str, datatype: str) -> dict:
-    return {"Name": name, "LayerType": "CaskConvolution", "ParameterType": "Convolution",
-            "Inputs": [{"Format/Datatype": datatype}]}
+from tensorrt_api_fake import FP32, HALF, INT8, layer_json, tiny_onnx
 
 
 def test_versions_parse_with_build_numbers_and_early_access_tags():
@@ -67,16 +58,16 @@ def test_errors_name_only_options_that_exist():
 def test_dla_subgraph_passes_and_only_gpu_convolutions_are_checked():
     dla = {"Name": "{ForeignNode[/stem/Conv.../head/Gemm]}", "LayerType": "DLA", "Inputs": [{"Format/Datatype": HALF}]}
     assert check_precision({"Layers": [dla]}, "int8") == {"dla": 1}
-    assert check_precision({"Layers": [dla, _conv("/head/Conv", INT8)]}, "int8") == {"int8": 1, "dla": 1}
+    assert check_precision({"Layers": [dla, layer_json("/head/Conv", INT8)]}, "int8") == {"int8": 1, "dla": 1}
     with pytest.raises(ArtifactError, match="FP32: /head/Conv"):  # a GPU fallback convolution is still checked
-        check_precision({"Layers": [dla, _conv("/head/Conv", FP32)]}, "fp16")
+        check_precision({"Layers": [dla, layer_json("/head/Conv", FP32)]}, "fp16")
     with pytest.raises(ArtifactError, match="no convolution or DLA layers"):
         check_precision({"Layers": [{"Name": "reformat", "LayerType": "Reformat"}]}, "fp16")
 
 
 def test_float_layers_match_fused_names_exactly():
     assert layer_name_parts("/stem/Conv + /stem/Relu") == ("/stem/Conv", "/stem/Relu")
-    engine = {"Layers": [_conv("/stem/Conv + /stem/Relu", FP32), _conv("/stem/Conv_1", FP32), _conv("/b/Conv", INT8)]}
+    engine = {"Layers": [layer_json("/stem/Conv + /stem/Relu", FP32), layer_json("/stem/Conv_1", FP32), layer_json("/b/Conv", INT8)]}
     # "/stem/Conv" is a substring of "/stem/Conv_1" but not that layer: only the fused stem may be FP32
     assert fp32_convolutions(engine, ("/stem/Conv",)) == ["/stem/Conv_1"]
     with pytest.raises(ArtifactError, match="FP32: /stem/Conv_1"):
@@ -86,17 +77,17 @@ def test_float_layers_match_fused_names_exactly():
 def test_float_gemm_head_is_a_float_layer(tmp_path):
     qdq = onnx.load(str(tiny_onnx(tmp_path / "m.onnx", "qdq")))
     assert float_convolutions(qdq) == ("/stem/Conv", "/head/Gemm")
-    engine = {"Layers": [_conv("/stem/Conv + /stem/Relu", FP32), _conv("/block/Conv", INT8), _conv("/head/Gemm", FP32)]}
+    engine = {"Layers": [layer_json("/stem/Conv + /stem/Relu", FP32), layer_json("/block/Conv", INT8), layer_json("/head/Gemm", FP32)]}
     assert check_precision(engine, "int8", float_convolutions(qdq), qdq=True) == {"fp32": 2, "int8": 1}
 
 
 def test_fp16_reports_fp32_and_qdq_int8_fails_on_fp16():
-    engine = {"Layers": [_conv("/a/Conv", HALF), _conv("/b/Conv", FP32)]}
+    engine = {"Layers": [layer_json("/a/Conv", HALF), layer_json("/b/Conv", FP32)]}
     assert check_precision(engine, "fp16", fp32_allowed=True) == {"fp16": 1, "fp32": 1}
     assert fp32_convolutions(engine) == ["/b/Conv"]
     with pytest.raises(ArtifactError, match="dropped the requested fp16"):  # nothing FP16 at all still fails
-        check_precision({"Layers": [_conv("/a/Conv", FP32)]}, "fp16", fp32_allowed=True)
-    engine = {"Layers": [_conv("/a/Conv", INT8), _conv("/b/Conv", HALF)]}
+        check_precision({"Layers": [layer_json("/a/Conv", FP32)]}, "fp16", fp32_allowed=True)
+    engine = {"Layers": [layer_json("/a/Conv", INT8), layer_json("/b/Conv", HALF)]}
     assert check_precision(engine, "int8") == {"int8": 1, "fp16": 1}  # implicit INT8 may pick FP16
     with pytest.raises(ArtifactError, match=r"FP16: /b/Conv \(Q/DQ convolutions must run INT8\)"):
         check_precision(engine, "int8", qdq=True)
