@@ -37,15 +37,7 @@ COMPARED = ("num_samples", "top1_agreement", "accuracy", "balanced_accuracy", "f
             "float_balanced_accuracy", "balanced_accuracy_delta", "escape_rate", "float_escape_rate",
             "escape_rate_delta", "flips", "confusion_matrix", "float_confusion_matrix", "max_drop", "max_escape_rise",
             "passed", "stage", "precision", "classes", "artifact", "artifact_sha256", "backend", "data")
-BLOCKER = '''import sys
-BLOCKED = {"torch", "torchvision", "timm", "nni", "safetensors"}
-class _Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is not installed on this device (blocked by the test)")
-        return None
-sys.meta_path.insert(0, _Blocker())
-'''
+DEVICE_PYTHON = Path(__file__).resolve().parents[1] / "scripts" / "device_python"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,10 +189,7 @@ def importlib_has(module: str) -> bool:
 def _device(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
     """``edge-tl ARGV`` in a fresh interpreter where torch, torchvision, timm, NNI and safetensors
     cannot be imported (as in the light device install)."""
-    blocker = tmp_path / "blocker"
-    blocker.mkdir(exist_ok=True)
-    (blocker / "sitecustomize.py").write_text(BLOCKER)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(Path(__file__).resolve().parents[1])]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(DEVICE_PYTHON), str(Path(__file__).resolve().parents[1])]))
     return subprocess.run([sys.executable, "-m", "edge_tl", *argv], capture_output=True, text=True, env=env,
                           timeout=300, cwd=tmp_path)
 
@@ -209,7 +198,7 @@ def test_device_side_runs_without_torch_timm_or_nni(run_dir, device_data, tmp_pa
     probe = _device(tmp_path, "--help")
     assert probe.returncode == 0, probe.stderr
     blocked = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
-                             env=dict(os.environ, PYTHONPATH=str(tmp_path / "blocker")), timeout=60)
+                             env=dict(os.environ, PYTHONPATH=str(DEVICE_PYTHON)), timeout=60)
     assert blocked.returncode != 0 and "not installed on this device" in blocked.stderr
     # a device gets the artifacts and the pack only, not the run directory
     device = tmp_path / "device"
