@@ -323,7 +323,7 @@ def verify(paths, pack, data_dir, max_drop, max_escape_rise, out):
         if len(paths) != 1 or data_dir is None:
             raise ConfigError("verify --pack takes one ARTIFACT and --data DIR (the folder with the pack's images), "
                               "e.g. edge-tl verify model.float.int8.engine --pack verify-pack.float.json --data images")
-        from edge_tl.verify import verify_with_pack
+        from edge_tl.verify_pack import verify_with_pack
 
         result = verify_with_pack(paths[0], pack, data_dir, max_drop, max_escape_rise, out)
     else:

@@ -13,9 +13,9 @@ stage, ``RUN_DIR/export/verify-pack.<stage>.json``:
   pack that is still current and rewrites one that is not.
 
 No image tensors: a few hundred images make a pack of tens of kB. Every artifact manifest records
-the pack's sha256. :func:`read_pack` and :func:`pack_records` (the images checked against their
-hashes) need numpy only, so the light device install verifies with them; :func:`ensure_pack`
-(training side) computes the float logits with the stage's PyTorch model.
+the pack's sha256. :func:`verify_with_pack` is the device side of :func:`edge_tl.verify.verify`:
+the pack, the images (checked against their hashes) and the artifact, no torch.
+:func:`ensure_pack` (training side) computes the float logits with the stage's PyTorch model.
 """
 from __future__ import annotations
 
@@ -30,7 +30,11 @@ import numpy as np
 
 from edge_tl.artifacts import atomic_write_json, read_json, sha256_file
 from edge_tl.data import ImageRecord
-from edge_tl.errors import ArtifactError, DatasetError
+from edge_tl.errors import ArtifactError, ConfigError, DatasetError
+from edge_tl.verify import (
+    ARTIFACT_SUFFIXES, DEFAULT_BATCH_SIZE, artifact_metadata, artifact_runner, batch_plan, check_gate_settings,
+    check_metadata, compare, float_logits, image_batches, run_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +172,6 @@ def ensure_pack(run_dir: str | os.PathLike, stage: str, max_drop: float = 1.0, m
     computation the workstation's verify compares artifacts with.
     """
     from edge_tl.finetune import run_records
-    from edge_tl.verify import float_logits
 
     run_dir = Path(run_dir)
     path, sources = pack_path(run_dir, stage), pack_sources(run_dir, stage)
@@ -194,3 +197,60 @@ def ensure_pack(run_dir: str | os.PathLike, stage: str, max_drop: float = 1.0, m
     logger.info("wrote %s: float %s logits on %d validation images", path, stage, len(records))
     return path, digest
 
+
+def device_verify_path(artifact: str | os.PathLike) -> Path:
+    """Where :func:`verify_with_pack` writes its record by default: ``verify/`` beside the artifact."""
+    return Path(artifact).parent / "verify" / f"{Path(artifact).name}.json"
+
+
+def verify_with_pack(
+    artifact: str | os.PathLike,
+    pack_file: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    max_drop: float | None = None,
+    max_escape_rise: float | None = None,
+    out: str | os.PathLike | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict[str, Any]:
+    """The device side of :func:`verify`: no float model, no run directory, no torch.
+
+    The artifact runs on the pack's validation images found under ``data_dir`` (each checked
+    against the sha256 the pack records), preprocessed from the artifact's own metadata, and is
+    compared with the pack's float logits by the same :func:`compare`: on the same images the
+    record and the verdict equal the workstation's. The gate defaults to the pack's settings.
+    Writes ``out`` (default :func:`device_verify_path`) and returns the record.
+    """
+    artifact, pack_file = Path(artifact), Path(pack_file)
+    if artifact.suffix not in ARTIFACT_SUFFIXES:
+        raise ConfigError(f"artifact {artifact.name} is neither .onnx nor .engine; pass an exported ONNX file or engine")
+    if not artifact.is_file():
+        raise ArtifactError(f"artifact {artifact} does not exist; copy it from the workstation or build it with "
+                            "`edge-tl export MODEL.onnx --format engine`")
+    pack = read_pack(pack_file)
+    max_drop = pack.max_drop if max_drop is None else max_drop
+    max_escape_rise = pack.max_escape_rise if max_escape_rise is None else max_escape_rise
+    check_gate_settings(max_drop, max_escape_rise)
+    metadata = artifact_metadata(artifact)
+    check_metadata(metadata, pack.preprocessing(), artifact, f"the pack {pack_file.name}",
+                   "pass the pack of the run and stage it was exported from")
+    if metadata["stage"] != pack.stage:
+        raise ArtifactError(f"{artifact.name} is a {metadata['stage']} artifact but {pack_file.name} holds the "
+                            f"{pack.stage} model's logits; pass verify-pack.{metadata['stage']}.json")
+    records = pack_records(pack, data_dir)
+    runner, backend, max_batch = artifact_runner(artifact)
+    with runner:
+        size, exact = batch_plan(runner, metadata["input_name"], batch_size, max_batch)
+        logits = np.concatenate([run_batches(runner, images, metadata["input_name"], metadata["output_name"], size,
+                                             exact) for images in image_batches(records, metadata, batch_size)])
+    result = {
+        "artifact": artifact.name, "artifact_sha256": sha256_file(artifact), "backend": backend,
+        "stage": pack.stage, "precision": metadata.get("precision"), "data": VALIDATION_SPLIT,
+        "classes": list(pack.classes),
+        **compare(pack.float_logits, logits, list(pack.labels), pack.classes, pack.ok_class, max_drop,
+                  max_escape_rise),
+        "float_reference": {"pack": pack_file.name, "pack_sha256": sha256_file(pack_file), "data_dir": str(data_dir)},
+    }
+    atomic_write_json(Path(out) if out is not None else device_verify_path(artifact), result)
+    logger.info("%s vs the pack's float %s logits on %d images: agreement %.4f -> %s", artifact.name, pack.stage,
+                result["num_samples"], result["top1_agreement"], "passed" if result["passed"] else "FAILED")
+    return result

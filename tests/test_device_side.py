@@ -24,8 +24,8 @@ from edge_tl.artifacts import read_json, sha256_file
 from edge_tl.cli import main
 from edge_tl.errors import ArtifactError, BackendUnavailableError, ConfigError, DatasetError
 from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint, predict_logits, run_records
-from edge_tl.verify import verify, verify_with_pack
-from edge_tl.verify_pack import pack_path, read_pack
+from edge_tl.verify import verify
+from edge_tl.verify_pack import pack_path, read_pack, verify_with_pack
 from export.engine_from_onnx import EngineConfig, build_engine_from_onnx
 from export.stage import ExportConfig, export_artifact
 from helpers import write_ptq_calibration
