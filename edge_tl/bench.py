@@ -289,6 +289,7 @@ def _run_targets(run_dir: Path, run_info: dict, cfg: BenchConfig, backends: list
     """(targets, verify results by artifact name, facts by stage) for every artifact of a run."""
     from edge_tl.prune_stage import PRUNED_DIR, load_stage_model
     from edge_tl.runners.torch_runner import TorchRunner
+    from edge_tl.verify import check_run_pairing
 
     stages = ["float", *(["pruned"] if (run_dir / PRUNED_DIR).is_dir() else [])]
     pruned = _optional_json(run_dir / PRUNED_DIR / "metrics.json")
@@ -306,6 +307,7 @@ def _run_targets(run_dir: Path, run_info: dict, cfg: BenchConfig, backends: list
                     skipped.append({"artifact": path.name, "backend": backend, "batch_size": None,
                                     "reason": unavailable_reason(backend)})
                 continue
+            check_run_pairing(path, run_dir)  # an engine or ONNX file of another run is not benched as this one's
             target, verdict = _artifact_target(path, backend, cfg), _verdict(run_dir, path)
             if verdict is not None:
                 verdicts[path.name] = verdict

@@ -91,6 +91,23 @@ def check_metadata(metadata: dict[str, Any], run_info: dict[str, Any], artifact:
             )
 
 
+def artifact_manifest(artifact: str | os.PathLike) -> dict[str, Any]:
+    """The manifest beside an artifact (``X.onnx.json``, ``X.engine.manifest.json``), ``{}`` when absent."""
+    artifact = Path(artifact)
+    path = Path(f"{artifact}.json") if artifact.suffix == ".onnx" else Path(f"{artifact}.manifest.json")
+    return read_json(path) if path.is_file() else {}
+
+
+def check_run_pairing(artifact: str | os.PathLike, run_dir: str | os.PathLike) -> None:
+    """An artifact whose manifest names another run.json (by sha256) is not this run's: refuse it."""
+    recorded = artifact_manifest(artifact).get("run_json_sha256")
+    if recorded and recorded != sha256_file(Path(run_dir) / "run.json"):
+        raise ArtifactError(
+            f"{Path(artifact).name} was exported from another run (its manifest's run.json sha256 differs from "
+            f"{Path(run_dir) / 'run.json'}); re-export it, or rebuild the engine, from this run"
+        )
+
+
 def _records(run_info: dict[str, Any], data_dir: str | os.PathLike | None) -> tuple[list, str]:
     if data_dir is None:
         from edge_tl.finetune import run_records
@@ -226,26 +243,33 @@ def artifact_predictions(
     run_info = read_json(run_dir / "run.json")
     metadata = artifact_metadata(artifact)
     check_metadata(metadata, run_info, artifact)
+    check_run_pairing(artifact, run_dir)
     records, data_label = _records(run_info, data_dir)
     if not records:
         raise DatasetError(f"no images to verify on in {data_label}; pass --data DIR with images of every class")
-    stage, img_size = metadata["stage"], int(metadata["input_size"][0])
-    input_name, output_name = metadata["input_name"], metadata["output_name"]
+    backend, logits, reference_logits = paired_logits(run_dir, artifact, metadata, records, batch_size, with_float)
+    return ArtifactPredictions(
+        artifact.name, backend, metadata["stage"], metadata.get("precision"), data_label, list(run_info["classes"]),
+        run_info.get("ok_class"), [record.label for record in records], logits, reference_logits,
+    )
 
-    reference = _stage_reference(run_dir, stage, img_size, input_name, output_name) if with_float else None
+
+def paired_logits(run_dir: Path, artifact: Path, metadata: dict[str, Any], records: Sequence, batch_size: int,
+                  with_float: bool = True) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """(backend, the artifact's logits, the float model's or None) on ``records``, each image decoded
+    once and fed to both runners."""
+    input_name, output_name = metadata["input_name"], metadata["output_name"]
+    reference = (_stage_reference(run_dir, metadata["stage"], int(metadata["input_size"][0]), input_name, output_name)
+                 if with_float else None)
     runner, backend, max_batch = artifact_runner(artifact)
     artifact_parts, float_parts = [], []
     with runner, reference or nullcontext():
         size, exact = batch_plan(runner, input_name, batch_size, max_batch)
-        for images in image_batches(records, metadata, batch_size):  # decode each image once, feed both runners
+        for images in image_batches(records, metadata, batch_size):
             artifact_parts.append(run_batches(runner, images, input_name, output_name, size, exact))
             if reference is not None:
                 float_parts.append(run_batches(reference, images, input_name, output_name, batch_size, False))
-    return ArtifactPredictions(
-        artifact.name, backend, stage, metadata.get("precision"), data_label, list(run_info["classes"]),
-        run_info.get("ok_class"), [record.label for record in records], np.concatenate(artifact_parts),
-        np.concatenate(float_parts) if float_parts else None,
-    )
+    return backend, np.concatenate(artifact_parts), np.concatenate(float_parts) if float_parts else None
 
 
 def compare(float_logits: np.ndarray, artifact_logits: np.ndarray, labels: Sequence[int], classes: Sequence[str],

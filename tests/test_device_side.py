@@ -241,3 +241,18 @@ def test_device_side_runs_without_torch_timm_or_nni(run_dir, device_data, tmp_pa
         engine = _device(tmp_path, "export", str(artifact.with_name("model.float.int8.onnx")), "--format", "engine",
                          "--precision", "fp16")
         assert engine.returncode == 2 and "TensorRT is not installed" in engine.stderr, engine.stderr
+
+
+def test_an_artifact_of_another_run_is_refused_by_verify_and_bench(run_dir, tmp_path):
+    from edge_tl.artifacts import atomic_write_json
+    from edge_tl.bench import BenchConfig, benchmark
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("verify"))
+    manifest_file = copy / "export" / "model.float.fp32.onnx.json"
+    atomic_write_json(manifest_file, dict(read_json(manifest_file), run_json_sha256="0" * 64))
+    with pytest.raises(ArtifactError, match="was exported from another run"):
+        verify(copy, copy / "export" / "model.float.fp32.onnx", **GATE)
+    with pytest.raises(ArtifactError, match="was exported from another run"):
+        benchmark(copy, BenchConfig(backends=("onnxruntime",), batch_sizes=(1,), warmup=1, min_time_s=0.01))
+    assert not (copy / "verify" / "model.float.fp32.onnx.json").exists()
