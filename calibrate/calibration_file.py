@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -244,9 +244,4 @@ def parse_calibration(document: Any, source: str = "calibration.json") -> Calibr
         return Calibration(dict(document["model"]), document["method"], document["calibration_files_hash"], tensors)
     except ArtifactError as err:
         raise ArtifactError(f"{source}: {err}") from None
-
-
-def weight_tensors(named_weights: Iterable[tuple[str, np.ndarray]]) -> list[CalibrationTensor]:
-    """Per-channel int8 weight entries for (module name, weight array) pairs."""
-    return [CalibrationTensor.weight(module, weight) for module, weight in named_weights]
 

@@ -224,9 +224,3 @@ class RangeObserver:
             return self.percentile(percentile)
         return self.entropy()
 
-
-def compute_range(values, method: str = "minmax", percentile: float = DEFAULT_PERCENTILE, num_bins: int = 2048) -> tuple[float, float]:
-    """The calibration range of one array of activations (see :class:`RangeObserver`)."""
-    observer = RangeObserver(num_bins=num_bins)
-    observer.update(values)
-    return observer.compute(method, percentile)

@@ -16,9 +16,9 @@ from calibrate.calibration_file import (
     write_calibration,
 )
 from calibrate.ranges import (
+    DEFAULT_PERCENTILE,
     RangeObserver,
     asymmetric_uint8,
-    compute_range,
     entropy_threshold_bins,
     per_channel_symmetric_int8_scales,
     symmetric_int8_scale,
@@ -72,15 +72,21 @@ def test_percentile_within_one_bin_of_numpy():
     assert observer.compute("percentile", 100.0) == pytest.approx((everything.min(), everything.max()), abs=1e-9)
 
 
+def _range(values, method: str, percentile: float = DEFAULT_PERCENTILE) -> tuple[float, float]:
+    observer = RangeObserver()
+    observer.update(values)
+    return observer.compute(method, percentile)
+
+
 def test_entropy_clips_outliers_and_keeps_uniform_data():
     rng = np.random.default_rng(2)
     gauss = rng.normal(0.0, 1.0, 400_000)
     gauss[:20] = 40.0  # a few extreme outliers
-    low, high = compute_range(gauss, "entropy")
+    low, high = _range(gauss, "entropy")
     assert 2.5 < high < 8.0 and low == pytest.approx(-high)
     assert float(gauss.min()) <= low
     relu = np.maximum(gauss, 0.0)
-    low_relu, high_relu = compute_range(relu, "entropy")
+    low_relu, high_relu = _range(relu, "entropy")
     assert low_relu == 0.0 and 2.5 < high_relu < 8.0
     # a flat histogram has nothing to clip: KL is smallest when every bin is kept
     assert entropy_threshold_bins(np.full(1024, 100)) == 1024
@@ -88,9 +94,9 @@ def test_entropy_clips_outliers_and_keeps_uniform_data():
 
 def test_range_method_is_validated():
     with pytest.raises(ConfigError, match="kl"):
-        compute_range(np.ones(4), "kl")
+        _range(np.ones(4), "kl")
     with pytest.raises(ConfigError, match="percentile 20"):
-        compute_range(np.ones(4), "percentile", 20)
+        _range(np.ones(4), "percentile", 20)
     with pytest.raises(ValueError, match="NaN"):
         RangeObserver().update(np.array([1.0, np.nan]))
 

@@ -11,20 +11,10 @@ from edge_tl.errors import ArtifactError, BackendUnavailableError
 from edge_tl.runners.base import Runner, TensorSpec
 
 CPU = "CPUExecutionProvider"
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _ONNX_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
 }
-
-
-def choose_providers(prefer_gpu: bool = False) -> list[str]:
-    """CPU only, or the GPU providers present (TensorRT, then CUDA) followed by CPU."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    chosen = [p for p in GPU_PROVIDERS if p in available] if prefer_gpu else []
-    return [*chosen, CPU]
 
 
 class OnnxRuntimeRunner(Runner):
