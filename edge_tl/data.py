@@ -59,14 +59,55 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Image files under a folder (recursively, like ImageFolder; sorted), hidden entries skipped."""
-    found = []
+def image_files(folder: Path, others: dict[Path, str] | None = None) -> list[Path]:
+    """Image files under a folder (recursively, like ImageFolder; sorted), hidden entries skipped.
+
+    Linked folders are followed at most once: a link into a folder already scanned is skipped, a
+    link back to the folder itself or one above it (a loop) is a DatasetError, and so is a link into
+    one of ``others`` (resolved folder -> name: the other class folders of a dataset).
+    """
+    found: list[Path] = []
+    visited: set[Path] = set()
     for current, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(name for name in dirnames if not _is_hidden(name))
+        here = Path(current).resolve()
+        visited.add(here)
+        kept = []
+        for name in sorted(name for name in dirnames if not _is_hidden(name)):
+            entry = Path(current) / name
+            target = entry.resolve()
+            if here.is_relative_to(target):
+                raise DatasetError(f"{entry} links back to {target}, a folder it is inside (a link loop); "
+                                   "remove the link or point it outside the dataset")
+            for root, other in (others or {}).items():
+                if target.is_relative_to(root):
+                    raise DatasetError(f"{entry} leads into {root}, the folder of class {other}: an image belongs to "
+                                       "one class folder; remove the link or copy the images")
+            if target in visited:
+                logger.warning("skipping %s: it leads to %s, already scanned", entry, target)
+                continue
+            visited.add(target)
+            kept.append(name)
+        dirnames[:] = kept
         for name in sorted(filenames):
             if not _is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 found.append(Path(current) / name)
+    return found
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files named directly or found under folders (recursively, sorted, hidden entries skipped)."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(image_files(path))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise DatasetError(f"{path} does not exist; pass image files or folders of images")
+    if not found:
+        raise DatasetError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in "
+                           f"{', '.join(str(item) for item in inputs)}; pass image files or folders of images")
     return found
 
 
@@ -120,8 +161,15 @@ def scan_image_folder(root: str | os.PathLike, strict: bool = False) -> DatasetS
             "sub-folders, e.g. one for good parts and one per defect type"
         )
     records, skipped, candidates = [], [], 0
+    class_roots = {(root / name).resolve(): name for name in classes}
+    owners: dict[Path, str] = {}  # each image file (resolved) -> the class folder it was found in
     for label, name in enumerate(classes):
-        for path in image_files(root / name):
+        others = {folder: other for folder, other in class_roots.items() if other != name}
+        for path in image_files(root / name, others):
+            real = path.resolve()
+            if owners.setdefault(real, name) != name:
+                raise DatasetError(f"{path} is the image {real} of class {owners[real]} too: an image belongs to one "
+                                   "class folder; remove the link or copy the file")
             candidates += 1
             reason = _read_error(path)
             if reason is None:
@@ -333,15 +381,3 @@ def class_weights(labels: Sequence[int], num_classes: int) -> np.ndarray:
         weights /= weights[present].mean()
     return weights.astype(np.float32)
 
-
-def balanced_sample_indices(
-    labels: Sequence[int], rng: np.random.Generator, num_samples: int | None = None
-) -> np.ndarray:
-    """Indices drawn with replacement so every present class is equally likely (a balanced sampler)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    counts = np.bincount(labels)
-    probabilities = 1.0 / (counts[labels] * np.count_nonzero(counts))
-    size = labels.size if num_samples is None else num_samples
-    return rng.choice(labels.size, size=size, replace=True, p=probabilities / probabilities.sum())

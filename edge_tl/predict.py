@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edge_tl import data as data_mod
+from edge_tl.data import collect_images
 from edge_tl.artifacts import atomic_write_json, atomic_write_text, read_json
 from edge_tl.errors import ArtifactError, ConfigError, DatasetError
 
@@ -43,23 +44,6 @@ class PredictResult:
         for row in self.rows:
             found[row["predicted"]] += 1
         return found
-
-
-def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files named directly or found under folders (recursively, sorted, hidden entries skipped)."""
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found.extend(data_mod.image_files(path))
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise DatasetError(f"{path} does not exist; pass image files or folders of images")
-    if not found:
-        raise DatasetError(f"no image files ({', '.join(sorted(data_mod.IMAGE_EXTENSIONS))}) in "
-                           f"{', '.join(str(item) for item in inputs)}; pass image files or folders of images")
-    return found
 
 
 def _target(target: Path) -> tuple[Any, str, dict[str, Any], int | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +15,6 @@ from PIL import Image
 from edge_tl.data import (
     ImageRecord,
     augment,
-    balanced_sample_indices,
     class_weights,
     file_list_hash,
     load_image,
@@ -393,15 +393,6 @@ def test_class_weights_are_inverse_frequency_with_mean_one():
     assert class_weights([0, 1], 2).dtype == np.float32
 
 
-def test_balanced_sampler_draws_classes_equally():
-    labels = [0] * 90 + [1] * 10
-    indices = balanced_sample_indices(labels, np.random.default_rng(0), 10000)
-    assert indices.shape == (10000,) and indices.min() >= 0 and indices.max() < 100
-    share_minority = np.mean(np.asarray(labels)[indices] == 1)
-    assert 0.47 < share_minority < 0.53
-    assert len(balanced_sample_indices(labels, np.random.default_rng(0))) == 100
-
-
 # ---------------------------------------------------------------- synthetic data and real data
 
 
@@ -442,3 +433,36 @@ def test_scan_of_real_magnetic_tile_data(magnetic_tile_dir):
     image = np.asarray(load_image(scan.records[0].path))
     assert image.ndim == 3 and image.shape[2] == 3
     assert (image == image[:, :, :1]).all()  # grayscale JPEG replicated to 3 equal channels
+
+
+# ---------------------------------------------------------------- hostile layouts: linked folders and files
+
+
+def test_a_link_to_the_parent_is_a_loop_error_not_more_images(tmp_path):
+    root = make_surface_dataset(tmp_path / "data", images_per_class=6, img_size=32)
+    assert scan_image_folder(root).counts() == {"crack": 6, "ok": 6, "scratch": 6, "spot": 6}
+    (root / "ok" / "up").symlink_to("..")
+    with pytest.raises(DatasetError, match=r"ok/up links back to .* \(a link loop\); remove the link"):
+        scan_image_folder(root)
+
+
+def test_images_reached_through_two_classes_are_an_error(tmp_path):
+    root = make_surface_dataset(tmp_path / "data", images_per_class=6, img_size=32)
+    (root / "ok" / "cracks").symlink_to(root / "crack")
+    with pytest.raises(DatasetError, match="ok/cracks leads into .*crack, the folder of class crack"):
+        scan_image_folder(root)
+    (root / "ok" / "cracks").unlink()
+    (root / "ok" / "borrowed.png").symlink_to(sorted((root / "crack").iterdir())[0])
+    with pytest.raises(DatasetError, match="borrowed.png is the image .* of class crack too"):
+        scan_image_folder(root)
+
+
+def test_a_linked_folder_is_followed_once(tmp_path):
+    root = make_surface_dataset(tmp_path / "data", images_per_class=6, img_size=32)
+    outside = tmp_path / "more"
+    outside.mkdir()
+    for index, path in enumerate(sorted((root / "ok").iterdir())[:3]):
+        shutil.copy(path, outside / f"extra_{index}.png")
+    (root / "ok" / "more").symlink_to(outside)
+    (root / "ok" / "again").symlink_to(outside)  # the same folder a second time: skipped
+    assert scan_image_folder(root).counts()["ok"] == 9
