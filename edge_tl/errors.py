@@ -27,3 +27,7 @@ class AccuracyRegressionError(EdgeTLError):
     """A verified artifact fell below the accuracy gate."""
 
     exit_code = 1
+
+
+class RunLockedError(EdgeTLError):
+    """Another live process holds the run directory's lock (a second writing command on the same run)."""
