@@ -125,7 +125,12 @@ def _rejection(row: BenchRow, verdict: dict | None, float_facts: Mapping[str, An
     if verdict is None:
         return "not verified; run `edge-tl verify` on it"
     if not verdict["passed"]:
-        return "failed verification"
+        outcome = verdict.get("verdict", "FAIL")
+        if outcome == "INCONCLUSIVE":
+            from edge_tl.gate import settle_text
+
+            return f"verification INCONCLUSIVE: {settle_text(verdict)}"
+        return "failed verification (FAIL)"
     if row.balanced_accuracy is None:
         return "no validation accuracy"
     drop = 100.0 * (float_facts["balanced_accuracy"] - row.balanced_accuracy)

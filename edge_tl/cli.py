@@ -305,19 +305,25 @@ def export_command(target, fmt, precision, stage, opset, dynamic_batch, qdq_targ
               help="With RUN_DIR: verify on this folder instead of the validation split. With --pack: the folder "
                    "holding the pack's images (class folders).")
 @click.option("--max-drop", type=float, default=None,
-              help="Allowed balanced-accuracy drop, points (default 1.0; with --pack, the pack's).")
+              help="Margin: balanced-accuracy drop, points (default 3.0; with --pack, the pack's).")
 @click.option("--max-escape-rise", type=float, default=None,
-              help="Allowed escape-rate rise, points (default 0.0; with --pack, the pack's).")
+              help="Margin: escape-rate rise, points (default 2.0; with --pack, the pack's).")
+@click.option("--confidence", type=float, default=None,
+              help="Two-sided confidence of the intervals (default 0.95; with --pack, the pack's).")
+@click.option("--unlabelled", default=None,
+              help="Label-free evidence: a folder of images without labels, or 'train' (the run's training split; "
+                   "with --pack, the pack's copy of it).")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="With --pack: the record's file (default: verify/ARTIFACT.json beside the artifact).")
-def verify(paths, pack, data_dir, max_drop, max_escape_rise, out):
-    """Check an exported ARTIFACT against the float model of its stage; exit 1 when the gate fails.
+def verify(paths, pack, data_dir, max_drop, max_escape_rise, confidence, unlabelled, out):
+    """Check an exported ARTIFACT against the float model of its stage.
 
+    Exit 0 PASS, 1 FAIL, 3 INCONCLUSIVE (too few images to tell; the record says how many more).
     On the workstation: `verify RUN_DIR ARTIFACT`. On the device: `verify ARTIFACT --pack PACK --data DIR`,
     comparing with the float logits the pack carries.
     """
     from edge_tl.errors import ConfigError
-    from edge_tl.verify import check_gate
+    from edge_tl.gate import bounds_text, check_gate
 
     if pack is not None:
         if len(paths) != 1 or data_dir is None:
@@ -325,7 +331,8 @@ def verify(paths, pack, data_dir, max_drop, max_escape_rise, out):
                               "e.g. edge-tl verify model.float.int8.engine --pack verify-pack.float.json --data images")
         from edge_tl.verify_pack import verify_with_pack
 
-        result = verify_with_pack(paths[0], pack, data_dir, max_drop, max_escape_rise, out)
+        result = verify_with_pack(paths[0], pack, data_dir, max_drop, max_escape_rise, out, confidence=confidence,
+                                  unlabelled=unlabelled)
     else:
         if len(paths) != 2:
             raise ConfigError("verify takes RUN_DIR ARTIFACT, or ARTIFACT --pack PACK --data DIR on the device")
@@ -334,11 +341,14 @@ def verify(paths, pack, data_dir, max_drop, max_escape_rise, out):
         require_training_side("verify RUN_DIR ARTIFACT")
         from edge_tl.verify import verify as run_verify
 
-        result = run_verify(paths[0], paths[1], data_dir, max_drop=1.0 if max_drop is None else max_drop,
-                            max_escape_rise=0.0 if max_escape_rise is None else max_escape_rise)
+        settings = {key: value for key, value in (("max_drop", max_drop), ("max_escape_rise", max_escape_rise),
+                                                  ("confidence", confidence)) if value is not None}
+        result = run_verify(paths[0], paths[1], data_dir, unlabelled=unlabelled, **settings)
     _print_json_summary(f"verify {Path(paths[-1]).name}", result,
                         ("num_samples", "top1_agreement", "max_abs_diff", "mean_abs_diff", "balanced_accuracy",
-                         "float_balanced_accuracy", "balanced_accuracy_delta", "escape_rate_delta", "passed"))
+                         "float_balanced_accuracy", "balanced_accuracy_delta", "escape_rate_delta", "verdict"))
+    console.print(f"{result['verdict']}: {bounds_text(result)} against margins {result['max_drop']:g} / "
+                  f"{result['max_escape_rise']:g} points", highlight=False)
     check_gate(result)
 
 
@@ -350,7 +360,8 @@ def verify(paths, pack, data_dir, max_drop, max_escape_rise, out):
               help="YAML recipe (every key optional; see README).")
 @click.option("--ok-class", default=None, help="The good-part class (overrides finetune.ok_class of the recipe).")
 @click.option("--force", is_flag=True, help="Start an existing run directory over.")
-def run_command(data_dir, out, recipe_path, ok_class, force):
+@click.option("--gate", is_flag=True, help="Exit 1 when no artifact passed verification (for a release pipeline).")
+def run_command(data_dir, out, recipe_path, ok_class, force, gate):
     """Fine-tune, prune, quantize, export, verify, bench and report in one resumable command."""
     require_training_side("run", compression=True)
     from edge_tl.pipeline import run_pipeline
@@ -359,6 +370,16 @@ def run_command(data_dir, out, recipe_path, ok_class, force):
     recipe = with_ok_class(load_recipe(recipe_path), ok_class)
     result = run_pipeline(data_dir, out, recipe, force=force)
     print_pipeline_result(result)
+    if gate and not any(record.get("passed") for record in result.verification):
+        from collections import Counter
+
+        from edge_tl.errors import AccuracyRegressionError
+
+        verdicts = Counter(record.get("verdict", "FAIL") for record in result.verification)
+        raise AccuracyRegressionError(
+            f"--gate: none of the {len(result.verification)} artifacts passed verification ("
+            + ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items()))
+            + f"); see {out / 'report.md'}")
 
 
 def _csv_list(option: str, text: str, convert):

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from edge_tl.gate import bounds_text
+
 PREDICTIONS_SHOWN = 20  # rows of `edge-tl predict` printed; --out has them all
 
 
@@ -31,12 +33,14 @@ def verification_table(rows: list[dict]) -> Table:
     """One row per verified artifact: agreement with its float model and the gate's verdict."""
     table = Table(title="verification against the float model of each stage")
     for column in ("artifact", "top-1 agreement", "max |diff|", "balanced acc.", "delta (pt)", "escape delta (pt)",
-                   "passed"):
-        table.add_column(column, justify="left" if column == "artifact" else "right", no_wrap=column == "artifact")
+                   "upper bounds", "verdict"):
+        table.add_column(column, justify="left" if column in ("artifact", "upper bounds") else "right",
+                         no_wrap=column == "artifact")
     for row in rows:
+        verdict = row.get("verdict") or ("PASS" if row["passed"] else "FAIL")
         table.add_row(Path(row["artifact"]).name, f"{row['top1_agreement']:.3f}", f"{row['max_abs_diff']:.2e}",
                       f"{row['balanced_accuracy']:.4f}", f"{row['balanced_accuracy_delta']:+.2f}",
-                      f"{row.get('escape_rate_delta', 0.0):+.2f}", "yes" if row["passed"] else "NO")
+                      f"{row.get('escape_rate_delta', 0.0):+.2f}", bounds_text(row), verdict)
     return table
 
 

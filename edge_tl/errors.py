@@ -29,5 +29,11 @@ class AccuracyRegressionError(EdgeTLError):
     exit_code = 1
 
 
+class InconclusiveVerificationError(EdgeTLError):
+    """A verified artifact could be shown neither as good as the float model nor worse (too few images)."""
+
+    exit_code = 3
+
+
 class RunLockedError(EdgeTLError):
     """Another live process holds the run directory's lock (a second writing command on the same run)."""

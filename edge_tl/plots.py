@@ -37,6 +37,8 @@ class LatencyPoint:
     latency_ms: float
     balanced_accuracy: float
     passed: bool | None = None
+    interval: tuple[float, float] | None = None  # the verify record's confidence interval of the balanced accuracy
+    verdict: str | None = None  # PASS, FAIL or INCONCLUSIVE
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -97,8 +99,12 @@ def plot_accuracy_vs_latency(points: Sequence[LatencyPoint], path: str | os.Path
     for index, point in enumerate(points):
         color = _SERIES_COLORS[index % len(_SERIES_COLORS)]
         x, y = point.latency_ms, 100 * point.balanced_accuracy
+        if point.interval is not None:  # the verification's confidence interval of the balanced accuracy
+            low, high = (100 * bound for bound in point.interval)
+            axes.errorbar([x], [y], yerr=[[max(y - low, 0.0)], [max(high - y, 0.0)]], fmt="none", ecolor=color,
+                          elinewidth=1.0, capsize=3, alpha=0.7, zorder=2)
         axes.scatter([x], [y], s=60, zorder=3, facecolors="none" if point.passed is False else color,
-                     edgecolors=color, linewidths=1.8)
+                     edgecolors=color, linewidths=1.8, linestyle="--" if point.verdict == "INCONCLUSIVE" else "-")
         right_side = x > middle and len(points) > 1
         axes.annotate(_text(point.label), (x, y), fontsize=7, xytext=(-7 if right_side else 7, -11 if index in below
                                                                       else 5),
@@ -121,7 +127,7 @@ def plot_accuracy_vs_latency(points: Sequence[LatencyPoint], path: str | os.Path
     axes.grid(True, which="both", alpha=0.3)
     handles = [Line2D([], [], marker="o", linestyle="", color="gray", label="verified, or not verifiable"),
                Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="gray",
-                      label="failed verification"),
+                      label="FAIL or INCONCLUSIVE (bars: confidence interval)"),
                Line2D([], [], marker="o", markersize=13, markerfacecolor="none", color="black", linestyle="--",
                       linewidth=1.0, label="Pareto front")]
     if starred:
@@ -224,15 +230,27 @@ def point_label(row: dict) -> str:
 
 
 def latency_points(bench_rows: Sequence[dict], verifications: Sequence[dict]) -> list[LatencyPoint]:
-    """Batch-1 bench rows with a latency and a balanced accuracy; ``passed`` from the artifact's verify record."""
-    passed = {_artifact_name(record): record.get("passed") for record in verifications}
+    """Batch-1 bench rows with a latency and a balanced accuracy; ``passed``, the verdict and the accuracy
+    interval from the artifact's verify record."""
+    records = {_artifact_name(record): record for record in verifications}
     points = []
     for row in bench_rows:
         latency, accuracy = median_latency_ms(row), row.get("balanced_accuracy")
         if row.get("batch_size") == 1 and latency and isinstance(accuracy, (int, float)) and math.isfinite(accuracy):
-            points.append(LatencyPoint(point_label(row), latency, float(accuracy),
-                                       passed.get(_artifact_name(row))))
+            record = records.get(_artifact_name(row), {})
+            points.append(LatencyPoint(point_label(row), latency, float(accuracy), record.get("passed"),
+                                       accuracy_interval(record), record.get("verdict")))
     return points
+
+
+def accuracy_interval(record: dict) -> tuple[float, float] | None:
+    """The artifact's balanced accuracy interval from its verify record: the float model's balanced
+    accuracy minus the drop's confidence interval (None for records without statistics)."""
+    reference = record.get("float_balanced_accuracy")
+    for interval in (record.get("statistics") or {}).get("intervals", []):
+        if interval.get("quantity") == "balanced_accuracy_drop" and isinstance(reference, (int, float)):
+            return reference - interval["upper_points"] / 100, reference - interval["lower_points"] / 100
+    return None
 
 
 def recall_from_confusion(matrix: Sequence[Sequence[int]]) -> list[float]:

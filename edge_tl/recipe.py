@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_tl.errors import ConfigError
+from edge_tl.gate import (
+    DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP, DEFAULT_MAX_ESCAPE_RISE, TRAIN_SPLIT, check_gate_settings,
+)
 
 ENGINE_MODES = ("auto", "always", "never")
 
@@ -35,9 +38,11 @@ ENGINE_MODES = ("auto", "always", "never")
 class VerifyConfig:
     """The release gate applied to every artifact: points of balanced accuracy and escape rate."""
 
-    max_drop: float = 1.0
-    max_escape_rise: float = 0.0
+    max_drop: float = DEFAULT_MAX_DROP
+    max_escape_rise: float = DEFAULT_MAX_ESCAPE_RISE
     batch_size: int = 32
+    confidence: float = DEFAULT_CONFIDENCE
+    unlabelled: str | None = TRAIN_SPLIT
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,8 @@ def _sections() -> dict[str, Section]:
         "finetune": Section(FinetuneConfig),
         "prune": Section(PruneConfig, extras={"enabled": True}),
         "quantize": Section(QuantizeConfig, hidden=("stage",), extras={"stages": ("float", "pruned")}),
-        "export": Section(ExportConfig, hidden=("format", "precision", "stage", "max_drop", "max_escape_rise"),
+        "export": Section(ExportConfig, hidden=("format", "precision", "stage", "max_drop", "max_escape_rise",
+                                                 "confidence", "unlabelled"),
                           extras={"precisions": ("fp32", "fp16", "int8"), "engines": "auto",
                                   "engine_precisions": ("fp16", "int8")}),
         "verify": Section(VerifyConfig),
@@ -220,3 +226,7 @@ def validate_recipe(recipe: Recipe) -> None:
     if verify_cfg.max_drop < 0 or verify_cfg.max_escape_rise < 0 or verify_cfg.batch_size < 1:
         raise ConfigError(f"recipe section verify has {dataclasses.asdict(verify_cfg)}; limits must be >= 0 and "
                           "batch_size >= 1")
+    check_gate_settings(verify_cfg.max_drop, verify_cfg.max_escape_rise, verify_cfg.confidence)
+    if verify_cfg.unlabelled not in (None, TRAIN_SPLIT) and not Path(verify_cfg.unlabelled).is_dir():
+        raise ConfigError(f"recipe key verify.unlabelled is {verify_cfg.unlabelled!r}; use train (the run's training "
+                          "split), a folder of images without labels, or null")

@@ -157,8 +157,20 @@ def _listed(value: Any) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list) else _NONE if value is None else str(value)
 
 
-def _verdict(passed: Any) -> Inline:
-    return _NONE if passed is None else Strong("PASS", "pass") if passed else Strong("FAIL", "fail")
+def _verdict(record: Any) -> Inline:
+    """PASS / FAIL / INCONCLUSIVE of a verify record (records before the three verdicts: its ``passed``)."""
+    if not isinstance(record, dict):
+        return _NONE
+    verdict = record.get("verdict") or ("PASS" if record.get("passed") else "FAIL")
+    return Strong(verdict, verdict.lower())
+
+
+def _bound(record: dict, quantity: str) -> str:
+    """The upper bound (points) the gate judged ``quantity`` on, from the record's statistics."""
+    for interval in (record.get("statistics") or {}).get("intervals", []):
+        if interval.get("quantity") == quantity:
+            return f"{interval['upper_points']:.2f}"
+    return _NONE
 
 
 def _name(record: dict) -> str:
@@ -188,7 +200,7 @@ def _recommended_section(inputs: ReportInputs) -> Section:
             facts.append(f"batch-{batch_size} latency {_ms(_p50(row))} ms (median)"
                          + (f", {speedup:.2f}x the speed of the float FP32 ONNX model" if speedup else "")
                          + f", balanced accuracy {_pct(row.get('balanced_accuracy'))}")
-    facts += [("verification against the float model of its stage: ", _verdict(record.get("passed")),
+    facts += [("verification against the float model of its stage: ", _verdict(record),
                f" (balanced accuracy {_pts(record.get('balanced_accuracy_delta'))} points, escape rate "
                f"{_pts(record.get('escape_rate_delta'))} points, top-1 agreement {_pct(record.get('top1_agreement'))})")
               for record in inputs.verifications if _name(record) == name]
@@ -296,20 +308,36 @@ def _verification_section(inputs: ReportInputs, figures: dict[str, Figure]) -> S
     if not records:
         return Section("Verification", (Paragraph(("No artifact verified yet; run ", Code(
             f"edge-tl verify {inputs.run_dir} ARTIFACT"), " for each exported artifact.")),))
+    from edge_tl.gate import settle_text
+
     passed, first = sum(bool(r.get("passed")) for r in records), records[0]
     data = ", ".join(sorted({f"{r.get('data', 'validation split')} ({r.get('num_samples', '?')} images)"
                              for r in records}))
-    intro = (f"Each artifact against the float PyTorch model of its stage on the {data}. Gate: balanced accuracy "
-             f"may drop by at most {first.get('max_drop', _NONE)} points and the escape rate (defects passed as ok) "
-             f"may rise by at most {first.get('max_escape_rise', _NONE)} points. ")
+    unlabelled = sorted({f"{u.get('source')} ({u.get('num_images')} images)" for r in records
+                         if isinstance(u := r.get("unlabelled"), dict)})
+    confidence = first.get("confidence")
+    intro = (f"Each artifact against the float PyTorch model of its stage on the {data}, paired image by image. "
+             f"PASS: the {100 * confidence:g}% upper bounds of the balanced-accuracy drop and of the escape-rate rise "
+             f"(defects passed as ok) are within {first.get('max_drop', _NONE)} and "
+             f"{first.get('max_escape_rise', _NONE)} points; FAIL: the data show it is worse; INCONCLUSIVE: too few "
+             "images to tell. " if isinstance(confidence, (int, float)) else
+             f"Each artifact against the float PyTorch model of its stage on the {data}. ")
+    if unlabelled:
+        intro += (f"Label-free evidence (the float model's calls as reference): {', '.join(unlabelled)}"
+                  + ("; the training split was also fitted and calibrated on, so it can read optimistic"
+                     if any(u.startswith("train ") for u in unlabelled) else "") + ". ")
     rows = tuple((Code(_name(r)), _listed(r.get("backend")), _pct(r.get("top1_agreement")), _sci(r.get("max_abs_diff")),
                   _pct(r.get("float_balanced_accuracy")), _pct(r.get("balanced_accuracy")),
-                  _pts(r.get("balanced_accuracy_delta")), _pct(r.get("escape_rate")), _pts(r.get("escape_rate_delta")),
-                  _flips(r.get("flips")), _verdict(r.get("passed"))) for r in records)
+                  _pts(r.get("balanced_accuracy_delta")), _pts(r.get("escape_rate_delta")),
+                  _bound(r, "balanced_accuracy_drop"), _bound(r, "escape_rate_rise"),
+                  _bound(r, "label_free_new_escape"), _flips(r.get("flips")), _verdict(r)) for r in records)
     columns = ("artifact", "backend", "top-1 agreement", "max abs logit diff", "float balanced acc.",
-               "balanced acc.", "delta (points)", "escape rate", "escape delta (points)", "class flips", "result")
+               "balanced acc.", "delta (points)", "escape delta (points)", "drop bound (points)",
+               "escape-rise bound (points)", "label-free new-escape bound (points)", "class flips", "verdict")
     summary = Strong(f"{passed} of {len(records)} passed", "pass" if passed == len(records) else "fail")
-    return Section("Verification", (Paragraph((intro, summary, ".")), Table(columns, rows),
+    settle = tuple((Code(_name(r)), f": {settle_text(r)}") for r in records if r.get("verdict") == "INCONCLUSIVE")
+    extra = (Paragraph("What would settle the INCONCLUSIVE ones:"), Bullets(settle)) if settle else ()
+    return Section("Verification", (Paragraph((intro, summary, ".")), Table(columns, rows), *extra,
                                     *(figure for key, figure in figures.items() if key.startswith("confusion"))))
 
 
@@ -326,7 +354,7 @@ def _bench_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section:
               for skip in bench.get("skipped") or [] if isinstance(skip, dict)]
     rows = list(bench.get("rows") or [])
     speedups = latency_speedups(rows)
-    verdicts = {_name(record): record.get("passed") for record in inputs.verifications}
+    verdicts = {_name(record): record for record in inputs.verifications}
     points = plots.latency_points(rows, inputs.verifications)
     front = {points[i].label for i in plots.pareto_front([(p.latency_ms, p.balanced_accuracy) for p in points])}
     table_rows = []

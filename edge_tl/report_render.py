@@ -23,7 +23,7 @@ class Code:
 @dataclass(frozen=True)
 class Strong:
     text: str
-    tone: str = ""  # "pass" or "fail": coloured in HTML
+    tone: str = ""  # "pass", "fail" or "inconclusive": coloured in HTML
 
 
 Inline = Union[str, Code, Strong]
@@ -129,7 +129,7 @@ def _html(parts: Parts) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}.pass{color:#137333}.fail{color:#c5221f}
+th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}.pass{color:#137333}.fail{color:#c5221f}.inconclusive{color:#b06000}
 .wide{overflow-x:auto}figure{margin:1em 0}img{max-width:100%}figcaption{font-size:0.9em;color:#555}
 pre{background:#f6f6f6;padding:1em}"""
 

@@ -10,7 +10,7 @@ class flips and the gate decision) is written to ``RUN_DIR/verify/<artifact file
 
 The gate passes when the balanced accuracy drops by at most ``max_drop`` points and the escape
 rate (defects predicted as the ok class) rises by at most ``max_escape_rise`` points.
-:func:`check_gate` turns a failed result into :class:`~edge_tl.errors.AccuracyRegressionError`
+:func:`edge_tl.gate.check_gate` turns a failed result into :class:`~edge_tl.errors.AccuracyRegressionError`
 (exit code 1), which is what a release pipeline keys on. :func:`artifact_predictions` is the
 loading, preprocessing and batching on its own: an artifact's logits (and, when asked, its float
 model's) with the labels, for whoever needs an artifact's accuracy without the gate.
@@ -18,7 +18,6 @@ model's) with the labels, for whoever needs an artifact's accuracy without the g
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import Counter
 from contextlib import nullcontext
@@ -30,7 +29,11 @@ import numpy as np
 
 from edge_tl import data as data_mod
 from edge_tl.artifacts import atomic_write_json, read_json, sha256_file
-from edge_tl.errors import AccuracyRegressionError, ArtifactError, ConfigError, DatasetError
+from edge_tl.errors import ArtifactError, ConfigError, DatasetError
+from edge_tl.gate import (
+    DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP, DEFAULT_MAX_ESCAPE_RISE, TRAIN_SPLIT, check_gate_settings, gate_record,
+    label_free_evidence,
+)
 from edge_tl.metrics import classification_metrics
 from edge_tl.runners.base import Runner
 
@@ -196,12 +199,6 @@ def float_logits(run_dir: str | os.PathLike, stage: str, records: Sequence, batc
                                for images in image_batches(records, metadata, batch_size)])
 
 
-def check_gate_settings(max_drop: float, max_escape_rise: float) -> None:
-    for label, value in (("--max-drop", max_drop), ("--max-escape-rise", max_escape_rise)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{label} {value!r} must be a number of percentage points >= 0, e.g. 1.0")
-
-
 @dataclass(frozen=True)
 class ArtifactPredictions:
     """An artifact's logits over labelled images, and its float model's when asked for. ``data``:
@@ -273,8 +270,11 @@ def paired_logits(run_dir: Path, artifact: Path, metadata: dict[str, Any], recor
 
 
 def compare(float_logits: np.ndarray, artifact_logits: np.ndarray, labels: Sequence[int], classes: Sequence[str],
-            ok_class: str | None, max_drop: float, max_escape_rise: float) -> dict[str, Any]:
-    """The gate numbers for two sets of logits over the same labelled samples (pure, no I/O)."""
+            ok_class: str | None, max_drop: float, max_escape_rise: float, confidence: float = DEFAULT_CONFIDENCE,
+            label_free=None) -> dict[str, Any]:
+    """The gate numbers for two sets of logits over the same labelled samples (pure, no I/O): point
+    metrics of both, deltas in points, flips, and the verdict with its paired statistics
+    (:func:`edge_tl.gate.gate_record`; ``label_free`` from :func:`edge_tl.gate.label_free_evidence`)."""
     classes = list(classes)
     float_pred, artifact_pred = float_logits.argmax(1), artifact_logits.argmax(1)
     reference = classification_metrics(labels, float_pred, classes, ok_class)
@@ -293,18 +293,20 @@ def compare(float_logits: np.ndarray, artifact_logits: np.ndarray, labels: Seque
         "float_balanced_accuracy": reference["balanced_accuracy"],
         "balanced_accuracy_delta": delta,
     }
-    passed = -delta <= max_drop + POINTS_TOLERANCE
     if ok_class is not None:
         rise = 100.0 * (metrics["escape_rate"] - reference["escape_rate"])
         result.update({"ok_class": ok_class, "escape_rate": metrics["escape_rate"],
                        "float_escape_rate": reference["escape_rate"], "escape_rate_delta": rise})
-        passed = passed and rise <= max_escape_rise + POINTS_TOLERANCE
     result.update({
         "flips": dict(sorted(flips.items(), key=lambda item: (-item[1], item[0]))),
         "confusion_matrix": metrics["confusion_matrix"],
         "float_confusion_matrix": reference["confusion_matrix"],
-        "max_drop": float(max_drop), "max_escape_rise": float(max_escape_rise), "passed": bool(passed),
+        "max_drop": float(max_drop), "max_escape_rise": float(max_escape_rise),
+        **gate_record(labels, float_pred, artifact_pred, classes, ok_class, max_drop, max_escape_rise, confidence,
+                      None if label_free is None else label_free[0]),
     })
+    if label_free is not None:
+        result["unlabelled"] = label_free[1]
     return result
 
 
@@ -312,43 +314,50 @@ def verify(
     run_dir: str | os.PathLike,
     artifact: str | os.PathLike,
     data_dir: str | os.PathLike | None = None,
-    max_drop: float = 1.0,
-    max_escape_rise: float = 0.0,
+    max_drop: float = DEFAULT_MAX_DROP,
+    max_escape_rise: float = DEFAULT_MAX_ESCAPE_RISE,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    confidence: float = DEFAULT_CONFIDENCE,
+    unlabelled: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Compare ``artifact`` with the float model of its stage; write and return the result.
 
-    ``max_drop`` and ``max_escape_rise`` are in percentage points. A failed gate is a result with
-    ``passed`` false, not an exception: call :func:`check_gate` to raise it.
+    ``max_drop`` and ``max_escape_rise`` are in percentage points; ``confidence`` is the two-sided
+    level of the intervals. ``unlabelled``: a folder of images without labels, or ``"train"`` (the
+    run's training split), for label-free evidence. A FAIL or INCONCLUSIVE verdict is a result, not
+    an exception: call :func:`edge_tl.gate.check_gate` to raise it.
     """
-    check_gate_settings(max_drop, max_escape_rise)
+    check_gate_settings(max_drop, max_escape_rise, confidence)
     predictions = artifact_predictions(run_dir, artifact, data_dir, batch_size, with_float=True)
     artifact = Path(artifact)
+    label_free = None
+    if unlabelled is not None:
+        records, source = unlabelled_records(run_dir, unlabelled)
+        _, logits, reference = paired_logits(Path(run_dir), artifact, artifact_metadata(artifact), records, batch_size)
+        label_free = label_free_evidence(reference.argmax(1), logits.argmax(1), predictions.classes,
+                                         predictions.ok_class, source)
     result = {
         "artifact": predictions.artifact, "artifact_sha256": sha256_file(artifact), "backend": predictions.backend,
         "stage": predictions.stage, "precision": predictions.precision, "data": predictions.data,
         "classes": predictions.classes,
         **compare(predictions.float_logits, predictions.logits, predictions.labels, predictions.classes,
-                  predictions.ok_class, max_drop, max_escape_rise),
+                  predictions.ok_class, max_drop, max_escape_rise, confidence, label_free),
     }
     atomic_write_json(verify_path(run_dir, artifact), result)
     logger.info("%s vs float %s model on %d images: agreement %.4f, balanced accuracy %+.2f points -> %s",
                 artifact.name, result["stage"], result["num_samples"], result["top1_agreement"],
-                result["balanced_accuracy_delta"], "passed" if result["passed"] else "FAILED")
+                result["balanced_accuracy_delta"], result["verdict"])
     return result
 
 
-def check_gate(result: dict[str, Any]) -> None:
-    """Raise AccuracyRegressionError (exit code 1) with one line when ``result`` failed the gate."""
-    if result["passed"]:
-        return
-    message = (
-        f"{result['artifact']} failed the gate: balanced accuracy {100 * result['balanced_accuracy']:.2f}% vs float "
-        f"{100 * result['float_balanced_accuracy']:.2f}% ({result['balanced_accuracy_delta']:+.2f} points, "
-        f"max drop {result['max_drop']:.2f})"
-    )
-    if "escape_rate_delta" in result:
-        message += f", escape rate {result['escape_rate_delta']:+.2f} points (max rise {result['max_escape_rise']:.2f})"
-    raise AccuracyRegressionError(
-        f"{message}, top-1 agreement {result['top1_agreement']:.4f}; recalibrate or quantize with QAT, or keep the float model"
-    )
+def unlabelled_records(run_dir: str | os.PathLike, source: str | os.PathLike) -> tuple[list, str]:
+    """(records, source label) of the images without labels: the run's training split for ``"train"``,
+    else every image under the folder (labels unused)."""
+    if str(source) == TRAIN_SPLIT:
+        from edge_tl.finetune import run_records
+
+        return run_records(read_json(Path(run_dir) / "run.json"), "train"), TRAIN_SPLIT
+    from edge_tl.predict import collect_images
+
+    paths = collect_images([source])
+    return [data_mod.ImageRecord(path, 0) for path in paths], str(source)

@@ -8,7 +8,9 @@ stage, ``RUN_DIR/export/verify-pack.<stage>.json``:
   computes them), their labels, and each image's path (``class/file``, relative to the dataset
   folder) and sha256;
 - the classes, the ok class, the preprocessing (input size, mean, std, centre crop) and the gate
-  settings (``max_drop``, ``max_escape_rise``);
+  settings (``max_drop``, ``max_escape_rise``, ``confidence``, ``unlabelled``);
+- with ``unlabelled="train"``, the training split's paths, sha256 and float predictions (argmax),
+  the label-free evidence the workstation's gate used, so the device reaches the same verdict;
 - what it was made from: the sha256 of run.json and of the stage's weights, so an export reuses a
   pack that is still current and rewrites one that is not.
 
@@ -31,9 +33,12 @@ import numpy as np
 from edge_tl.artifacts import atomic_write_json, read_json, sha256_file
 from edge_tl.data import ImageRecord
 from edge_tl.errors import ArtifactError, ConfigError, DatasetError
+from edge_tl.gate import (
+    DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP, DEFAULT_MAX_ESCAPE_RISE, TRAIN_SPLIT, check_gate_settings, label_free_evidence,
+)
 from edge_tl.verify import (
-    ARTIFACT_SUFFIXES, DEFAULT_BATCH_SIZE, artifact_metadata, artifact_runner, batch_plan, check_gate_settings,
-    check_metadata, compare, float_logits, image_batches, run_batches,
+    ARTIFACT_SUFFIXES, DEFAULT_BATCH_SIZE, artifact_metadata, artifact_runner, batch_plan, check_metadata, compare,
+    float_logits, image_batches, run_batches,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,6 +78,14 @@ class VerificationPack:
     max_drop: float
     max_escape_rise: float
     sources: dict[str, str]  # file name -> sha256 of what the pack was made from
+    confidence: float = DEFAULT_CONFIDENCE
+    unlabelled: str | None = None  # "train": the training split below is label-free evidence
+    unlabelled_files: tuple[str, ...] = ()
+    unlabelled_sha256: tuple[str, ...] = ()
+    unlabelled_float_pred: tuple[int, ...] = ()
+
+    def gate(self) -> tuple[float, float, float, str | None]:
+        return self.max_drop, self.max_escape_rise, self.confidence, self.unlabelled
 
     def preprocessing(self) -> dict[str, Any]:
         """The run.json-shaped facts :func:`edge_tl.verify.check_metadata` compares an artifact with."""
@@ -84,8 +97,13 @@ class VerificationPack:
             "format": PACK_FORMAT, "version": PACK_VERSION, "stage": self.stage, "data": VALIDATION_SPLIT,
             "classes": list(self.classes), "ok_class": self.ok_class, "input_size": [self.img_size, self.img_size],
             "mean": list(self.mean), "std": list(self.std), "crop": self.crop,
-            "gate": {"max_drop": self.max_drop, "max_escape_rise": self.max_escape_rise},
+            "gate": {"max_drop": self.max_drop, "max_escape_rise": self.max_escape_rise, "confidence": self.confidence,
+                     "unlabelled": self.unlabelled},
             "sources": dict(self.sources),
+            "unlabelled": None if not self.unlabelled_files else {
+                "source": self.unlabelled, "float_pred": list(self.unlabelled_float_pred),
+                "images": [{"path": path, "sha256": digest}
+                           for path, digest in zip(self.unlabelled_files, self.unlabelled_sha256)]},
             "images": [{"path": path, "sha256": digest, "label": label}
                        for path, digest, label in zip(self.files, self.sha256, self.labels)],
             # float32 values as JSON numbers: a double's repr round-trips each float32 exactly
@@ -118,7 +136,11 @@ def read_pack(path: str | os.PathLike) -> VerificationPack:
             files=tuple(str(image["path"]) for image in images), sha256=tuple(str(image["sha256"]) for image in images),
             labels=tuple(int(image["label"]) for image in images), float_logits=logits,
             max_drop=float(raw["gate"]["max_drop"]), max_escape_rise=float(raw["gate"]["max_escape_rise"]),
-            sources=dict(raw.get("sources", {})),
+            sources=dict(raw.get("sources", {})), confidence=float(raw["gate"]["confidence"]),
+            unlabelled=raw["gate"].get("unlabelled"),
+            unlabelled_files=tuple(str(image["path"]) for image in (raw.get("unlabelled") or {}).get("images", [])),
+            unlabelled_sha256=tuple(str(image["sha256"]) for image in (raw.get("unlabelled") or {}).get("images", [])),
+            unlabelled_float_pred=tuple(int(v) for v in (raw.get("unlabelled") or {}).get("float_pred", [])),
         )
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise _pack_error(path, f"{type(err).__name__}: {err}") from err
@@ -128,6 +150,9 @@ def read_pack(path: str | os.PathLike) -> VerificationPack:
         raise _pack_error(path, "non-finite logits or a label outside the classes")
     if not all(math.isfinite(v) and v >= 0 for v in (pack.max_drop, pack.max_escape_rise)):
         raise _pack_error(path, "gate settings must be numbers of points >= 0")
+    if len(pack.unlabelled_float_pred) != len(pack.unlabelled_files) or (pack.unlabelled == TRAIN_SPLIT) != bool(
+            pack.unlabelled_files):
+        raise _pack_error(path, "its training-split evidence does not match its gate settings")
     return pack
 
 
@@ -137,25 +162,29 @@ def write_pack(path: str | os.PathLike, pack: VerificationPack) -> str:
     return sha256_file(path)
 
 
-def pack_records(pack: VerificationPack, data_dir: str | os.PathLike) -> list[ImageRecord]:
-    """The pack's images under ``data_dir``, each checked against its sha256 before anything runs."""
+def pack_records(pack: VerificationPack, data_dir: str | os.PathLike, unlabelled: bool = False) -> list[ImageRecord]:
+    """The pack's validation images (or, ``unlabelled``, its training-split images) under ``data_dir``,
+    each checked against its sha256 before anything runs."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DatasetError(f"--data {data_dir} is not a folder; pass the folder holding the pack's class folders")
+    files, hashes = (pack.unlabelled_files, pack.unlabelled_sha256) if unlabelled else (pack.files, pack.sha256)
+    labels = [0] * len(files) if unlabelled else pack.labels
+    what = "training-split images (its label-free evidence)" if unlabelled else "validation images"
     missing, changed = [], []
-    for rel, digest in zip(pack.files, pack.sha256):
+    for rel, digest in zip(files, hashes):
         file = data_dir / rel
         if not file.is_file():
             missing.append(rel)
         elif sha256_file(file) != digest:
             changed.append(rel)
     if missing:
-        raise DatasetError(f"{len(missing)} of the pack's {len(pack.files)} images are not in {data_dir} (first: "
-                           f"{missing[0]}); copy the run's validation images with their class folders")
+        raise DatasetError(f"{len(missing)} of the pack's {len(files)} {what} are not in {data_dir} (first: "
+                           f"{missing[0]}); copy them with their class folders, or pass --unlabelled none")
     if changed:
         raise DatasetError(f"{len(changed)} images in {data_dir} differ from the pack (first: {changed[0]}, sha256 "
-                           "mismatch); copy the validation images unchanged, byte for byte")
-    return [ImageRecord(data_dir / rel, label) for rel, label in zip(pack.files, pack.labels)]
+                           "mismatch); copy the pack's images unchanged, byte for byte")
+    return [ImageRecord(data_dir / rel, label) for rel, label in zip(files, labels)]
 
 
 def pack_sources(run_dir: str | os.PathLike, stage: str) -> dict[str, str]:
@@ -164,37 +193,47 @@ def pack_sources(run_dir: str | os.PathLike, stage: str) -> dict[str, str]:
     return {file.relative_to(run_dir).as_posix(): sha256_file(file) for file in files}
 
 
-def ensure_pack(run_dir: str | os.PathLike, stage: str, max_drop: float = 1.0, max_escape_rise: float = 0.0,
-                batch_size: int = 32) -> tuple[Path, str]:
+def ensure_pack(run_dir: str | os.PathLike, stage: str, max_drop: float = DEFAULT_MAX_DROP,
+                max_escape_rise: float = DEFAULT_MAX_ESCAPE_RISE, confidence: float = DEFAULT_CONFIDENCE,
+                unlabelled: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[Path, str]:
     """(path, sha256) of the stage's pack, written unless a current one (same sources and gate) exists.
 
     Training side: the float logits come from :func:`edge_tl.verify.float_logits`, the very
-    computation the workstation's verify compares artifacts with.
+    computation the workstation's verify compares artifacts with. ``unlabelled="train"`` also stores
+    the float predictions on the training split; a folder of images is workstation-only evidence
+    (the pack records no label-free evidence then).
     """
     from edge_tl.finetune import run_records
 
     run_dir = Path(run_dir)
     path, sources = pack_path(run_dir, stage), pack_sources(run_dir, stage)
+    carried = TRAIN_SPLIT if unlabelled is not None and str(unlabelled) == TRAIN_SPLIT else None
+    gate = (float(max_drop), float(max_escape_rise), float(confidence), carried)
     if path.is_file():
         try:
             current = read_pack(path)
         except ArtifactError:
             current = None
-        if current is not None and current.sources == sources and (current.max_drop, current.max_escape_rise) == (
-                float(max_drop), float(max_escape_rise)):
+        if current is not None and current.sources == sources and current.gate() == gate:
             return path, sha256_file(path)
     run_info = read_json(run_dir / "run.json")
     records = run_records(run_info, "val")
-    logits = float_logits(run_dir, stage, records, batch_size)
+    train = run_records(run_info, "train") if carried else []
     pack = VerificationPack(
         stage=stage, classes=tuple(run_info["classes"]), ok_class=run_info.get("ok_class"),
         img_size=int(run_info["img_size"]), mean=tuple(run_info["mean"]), std=tuple(run_info["std"]),
         crop=float(run_info.get("crop", 1.0)), files=tuple(run_info["split"]["val_files"]),
         sha256=tuple(sha256_file(r.path) for r in records), labels=tuple(r.label for r in records),
-        float_logits=logits, max_drop=float(max_drop), max_escape_rise=float(max_escape_rise), sources=sources,
+        float_logits=float_logits(run_dir, stage, records, batch_size), max_drop=gate[0], max_escape_rise=gate[1],
+        sources=sources, confidence=gate[2], unlabelled=carried,
+        unlabelled_files=tuple(run_info["split"]["train_files"]) if carried else (),
+        unlabelled_sha256=tuple(sha256_file(r.path) for r in train),
+        unlabelled_float_pred=tuple(int(v) for v in float_logits(run_dir, stage, train, batch_size).argmax(1))
+        if carried else (),
     )
     digest = write_pack(path, pack)
-    logger.info("wrote %s: float %s logits on %d validation images", path, stage, len(records))
+    logger.info("wrote %s: float %s logits on %d validation images%s", path, stage, len(records),
+                f", predictions on {len(train)} training images" if carried else "")
     return path, digest
 
 
@@ -211,6 +250,8 @@ def verify_with_pack(
     max_escape_rise: float | None = None,
     out: str | os.PathLike | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    confidence: float | None = None,
+    unlabelled: str | None = None,
 ) -> dict[str, Any]:
     """The device side of :func:`verify`: no float model, no run directory, no torch.
 
@@ -229,7 +270,9 @@ def verify_with_pack(
     pack = read_pack(pack_file)
     max_drop = pack.max_drop if max_drop is None else max_drop
     max_escape_rise = pack.max_escape_rise if max_escape_rise is None else max_escape_rise
-    check_gate_settings(max_drop, max_escape_rise)
+    confidence = pack.confidence if confidence is None else confidence
+    check_gate_settings(max_drop, max_escape_rise, confidence)
+    use_train = _pack_evidence(pack, pack_file, unlabelled)
     metadata = artifact_metadata(artifact)
     check_metadata(metadata, pack.preprocessing(), artifact, f"the pack {pack_file.name}",
                    "pass the pack of the run and stage it was exported from")
@@ -237,20 +280,44 @@ def verify_with_pack(
         raise ArtifactError(f"{artifact.name} is a {metadata['stage']} artifact but {pack_file.name} holds the "
                             f"{pack.stage} model's logits; pass verify-pack.{metadata['stage']}.json")
     records = pack_records(pack, data_dir)
+    train = pack_records(pack, data_dir, unlabelled=True) if use_train else []
     runner, backend, max_batch = artifact_runner(artifact)
     with runner:
         size, exact = batch_plan(runner, metadata["input_name"], batch_size, max_batch)
-        logits = np.concatenate([run_batches(runner, images, metadata["input_name"], metadata["output_name"], size,
-                                             exact) for images in image_batches(records, metadata, batch_size)])
+
+        def logits_of(images: list[ImageRecord]) -> np.ndarray:
+            return np.concatenate([run_batches(runner, batch, metadata["input_name"], metadata["output_name"], size,
+                                               exact) for batch in image_batches(images, metadata, batch_size)])
+
+        logits = logits_of(records)
+        label_free = label_free_evidence(pack.unlabelled_float_pred, logits_of(train).argmax(1), pack.classes,
+                                         pack.ok_class, TRAIN_SPLIT) if use_train else None
     result = {
         "artifact": artifact.name, "artifact_sha256": sha256_file(artifact), "backend": backend,
         "stage": pack.stage, "precision": metadata.get("precision"), "data": VALIDATION_SPLIT,
         "classes": list(pack.classes),
         **compare(pack.float_logits, logits, list(pack.labels), pack.classes, pack.ok_class, max_drop,
-                  max_escape_rise),
+                  max_escape_rise, confidence, label_free),
         "float_reference": {"pack": pack_file.name, "pack_sha256": sha256_file(pack_file), "data_dir": str(data_dir)},
     }
     atomic_write_json(Path(out) if out is not None else device_verify_path(artifact), result)
     logger.info("%s vs the pack's float %s logits on %d images: agreement %.4f -> %s", artifact.name, pack.stage,
                 result["num_samples"], result["top1_agreement"], "passed" if result["passed"] else "FAILED")
     return result
+
+
+def _pack_evidence(pack: VerificationPack, pack_file: Path, unlabelled: str | None) -> bool:
+    """Whether the device verify uses the pack's training-split evidence (``unlabelled``: None for the
+    pack's setting, ``"train"`` or ``"none"``); a folder of images needs the float model."""
+    if unlabelled is None:
+        return pack.unlabelled == TRAIN_SPLIT
+    if unlabelled == "none":
+        return False
+    if unlabelled != TRAIN_SPLIT:
+        raise ConfigError(f"--unlabelled {unlabelled}: label-free evidence from a folder needs the float model, which "
+                          "the device has not; use the pack's training split (--unlabelled train) or verify that "
+                          "folder on the workstation")
+    if not pack.unlabelled_files:
+        raise ConfigError(f"{pack_file.name} carries no training-split evidence; re-export with the recipe's "
+                          "verify.unlabelled: train, or pass --unlabelled none")
+    return True

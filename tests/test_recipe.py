@@ -6,8 +6,9 @@ import yaml
 
 from edge_tl.errors import ConfigError
 from edge_tl.finetune import FinetuneConfig
+from edge_tl.gate import DEFAULT_MAX_DROP
 from edge_tl.prune_stage import PruneConfig
-from edge_tl.recipe import load_recipe, recipe_from_dict, with_ok_class
+from edge_tl.recipe import VerifyConfig, load_recipe, recipe_from_dict, with_ok_class
 from export.stage import ExportConfig
 
 
@@ -19,7 +20,8 @@ def test_defaults_are_the_stage_defaults():
     assert recipe.extra("prune", "enabled") is True
     assert recipe.extra("quantize", "stages") == ("float", "pruned")
     assert recipe.extra("export", "precisions") == ("fp32", "fp16", "int8")
-    assert recipe.config("verify").max_drop == 1.0
+    assert recipe.config("verify") == VerifyConfig() and VerifyConfig().max_drop == DEFAULT_MAX_DROP
+    assert recipe.config("verify").unlabelled == "train" and recipe.config("verify").confidence == 0.95
 
 
 def test_yaml_round_trip_keeps_every_key(tmp_path):

@@ -14,20 +14,27 @@ from calibrate.calibration_file import CalibrationTensor, read_calibration, writ
 from calibrate.observe import collect_calibration
 from calibrate.sources import ClassBalancedSource
 from edge_tl.artifacts import read_json, sha256_file
-from edge_tl.errors import AccuracyRegressionError, ArtifactError, ConfigError, DatasetError
+from edge_tl.errors import (
+    AccuracyRegressionError, ArtifactError, ConfigError, DatasetError, InconclusiveVerificationError,
+)
 from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint, predict_logits, run_records
 from edge_tl.fold import fold_batchnorm
 from edge_tl.metrics import classification_metrics
-from edge_tl.verify import artifact_predictions, check_gate, compare, verify
+from edge_tl.gate import check_gate
+from edge_tl.verify import artifact_predictions, compare, verify
 from export.onnx_metadata import set_metadata
 from export.stage import ExportConfig, export_artifact
 from helpers import write_slim_pruned
 
 PX = 64
 # One flipped image among the 48 generated ones moves balanced accuracy by ~2.1 points and one new
-# escape moves the escape rate by ~2.8 points: PTQ of this 64 px model flips two to four images, so
-# the INT8 gate here allows up to four flips and three new escapes (INT8 from absurd ranges flips 36).
-INT8_GATE = {"max_drop": 10.0, "max_escape_rise": 10.0}
+# escape moves the escape rate by ~2.8 points: PTQ of this 64 px model flips two to four images, and
+# on 48 images the 95% upper bounds of the drop and of the escape rise then reach 15-25 points, so the
+# INT8 gate here has margins of 40 (INT8 from absurd ranges flips 36 images and fails any margin).
+INT8_GATE = {"max_drop": 40.0, "max_escape_rise": 40.0}
+# On 8 validation images (two per class) even full agreement leaves 95% bounds of ~30-40 points:
+# the default margins give INCONCLUSIVE, these wide ones PASS.
+WIDE_GATE = {"max_drop": 60.0, "max_escape_rise": 60.0}
 RESULT_KEYS = {"artifact", "stage", "num_samples", "top1_agreement", "max_abs_diff", "mean_abs_diff", "accuracy",
                "balanced_accuracy", "float_balanced_accuracy", "balanced_accuracy_delta", "escape_rate",
                "escape_rate_delta", "flips", "max_drop", "max_escape_rise", "passed"}
@@ -90,9 +97,17 @@ def test_fp32_export_passes_with_full_agreement(run_dir):
     # the float side reproduces fine-tuning's own evaluation: same split, same preprocessing
     assert result["float_balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"], abs=1e-12)
     assert result["balanced_accuracy"] == result["float_balanced_accuracy"] >= 0.5
-    assert result["passed"] is True and result["artifact_sha256"] == sha256_file(artifact)
+    assert result["artifact_sha256"] == sha256_file(artifact)
     assert read_json(run_dir / "verify" / "model.float.fp32.onnx.json") == json.loads(json.dumps(result))
-    check_gate(result)  # passes silently
+    # identical predictions, but 8 images cannot show a 3-point margin: INCONCLUSIVE, exit 3, with what would settle it
+    assert result["verdict"] == "INCONCLUSIVE" and result["passed"] is False
+    assert result["to_settle"]["verdict_then"] == "PASS" and result["to_settle"]["factor"] > 10
+    with pytest.raises(InconclusiveVerificationError, match="would settle it") as err:
+        check_gate(result)
+    assert err.value.exit_code == 3 and "\n" not in str(err.value)
+    wide = verify(run_dir, artifact, **WIDE_GATE)
+    assert wide["verdict"] == "PASS" and wide["passed"] is True
+    check_gate(wide)  # passes silently
 
 
 def test_artifact_predictions_run_the_artifact_and_on_request_its_float_model(run_dir):
@@ -121,18 +136,18 @@ def test_good_int8_passes(good_int8, surface_dataset):
     assert result["balanced_accuracy_delta"] >= -INT8_GATE["max_drop"]
     assert result["escape_rate_delta"] <= INT8_GATE["max_escape_rise"]
     assert sum(result["flips"].values()) == round((1 - result["top1_agreement"]) * 48)
-    assert result["passed"] is True
+    assert result["verdict"] == "PASS" and result["passed"] is True
     check_gate(result)
 
 
 def test_int8_from_absurd_ranges_fails_the_gate(bad_int8, surface_dataset):
     run, manifest = bad_int8
-    result = verify(run, manifest["path"], data_dir=surface_dataset, **INT8_GATE)
-    assert result["passed"] is False
+    result = verify(run, manifest["path"], data_dir=surface_dataset)
+    assert result["verdict"] == "FAIL" and result["passed"] is False
     assert result["top1_agreement"] <= 0.5 and result["balanced_accuracy_delta"] < -20.0
     assert sum(result["flips"].values()) == round((1 - result["top1_agreement"]) * 48)
-    assert read_json(run / "verify" / "model.float.int8.onnx.json")["passed"] is False
-    with pytest.raises(AccuracyRegressionError, match=r"model\.float\.int8\.onnx failed the gate") as err:
+    assert read_json(run / "verify" / "model.float.int8.onnx.json")["verdict"] == "FAIL"
+    with pytest.raises(AccuracyRegressionError, match=r"model\.float\.int8\.onnx: FAIL against the float model") as err:
         check_gate(result)
     assert err.value.exit_code == 1 and "\n" not in str(err.value)
     assert verify(run, manifest["path"])["passed"] is False  # default gate, validation split
@@ -157,7 +172,7 @@ def test_pruned_stage_is_verified_against_the_pruned_model(run_dir, tmp_path_fac
 
     fp32 = export_artifact(run, ExportConfig(stage="pruned"))
     assert fp32["path"] == str(run / "export" / "model.pruned.fp32.onnx") and fp32["max_abs_diff"] <= 1e-4
-    result = verify(run, fp32["path"])
+    result = verify(run, fp32["path"], **WIDE_GATE)
     assert result["stage"] == "pruned" and result["top1_agreement"] == 1.0 and result["max_abs_diff"] <= 1e-4
     labels = [record.label for record in val]
     expected = classification_metrics(labels, pruned_logits.argmax(1), run_info["classes"])["balanced_accuracy"]
@@ -234,10 +249,14 @@ def test_compare_hand_computed():
     assert result["float_balanced_accuracy"] == pytest.approx(2.5 / 3) and result["balanced_accuracy"] == pytest.approx(0.5)
     assert result["balanced_accuracy_delta"] == pytest.approx(-100 / 3)
     assert result["float_escape_rate"] == 0.25 and result["escape_rate"] == 0.75 and result["escape_rate_delta"] == 50.0
-    assert result["flips"] == {"crack->ok": 1, "scratch->ok": 1} and result["passed"] is False
-    at_the_limits = compare(float_logits, artifact_logits, labels, classes, "ok", max_drop=100 / 3, max_escape_rise=50.0)
-    assert at_the_limits["passed"] is True
-    escape_only = compare(float_logits, artifact_logits, labels, classes, "ok", max_drop=40.0, max_escape_rise=49.0)
-    assert escape_only["passed"] is False
-    no_ok_class = compare(float_logits, artifact_logits, labels, classes, None, max_drop=40.0, max_escape_rise=0.0)
-    assert no_ok_class["passed"] is True and "escape_rate_delta" not in no_ok_class
+    assert result["flips"] == {"crack->ok": 1, "scratch->ok": 1}
+    # the paired counts behind the verdict: per class (float right / artifact right) and on the defects
+    assert result["paired_counts"]["crack"] == {"both_right": 1, "float_only": 1, "artifact_only": 0, "both_wrong": 0}
+    assert result["paired_counts"]["scratch"] == {"both_right": 0, "float_only": 1, "artifact_only": 0, "both_wrong": 1}
+    assert result["escape_counts"] == {"both_catch": 1, "artifact_escapes": 2, "float_escapes": 0, "both_escape": 1}
+    # a 33-point drop on 6 images: too few to show it is beyond a 1-point margin at 95%, and far from a PASS
+    assert result["verdict"] == "INCONCLUSIVE" and result["passed"] is False
+    assert compare(float_logits, artifact_logits, labels, classes, "ok", 100.0, 100.0)["verdict"] == "PASS"
+    no_ok_class = compare(float_logits, artifact_logits, labels, classes, None, max_drop=100.0, max_escape_rise=0.0)
+    assert no_ok_class["verdict"] == "PASS" and "escape_rate_delta" not in no_ok_class
+    assert "escape_counts" not in no_ok_class
