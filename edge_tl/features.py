@@ -1,8 +1,9 @@
-"""Frozen-trunk passes over image records: the cached views fine-tuning trains on, and plain-view logits.
+"""Frozen-trunk passes over image records: the cached views fine-tuning trains on, plain-view features and logits.
 
 A frozen trunk is a fixed function, so fine-tuning (:mod:`edge_tl.finetune`) and cross-validation
 (:mod:`edge_tl.crossval`) run it once per image view and keep its outputs; predictions use the plain
-view, the preprocessing every stage shares.
+view, the preprocessing every stage shares. The layer above the head's math (:mod:`edge_tl.head`)
+and below fine-tuning and cross-validation.
 
 On the CPU the frozen passes run through ONNX Runtime by default (``runtime="auto"``): the same
 function exported in memory, 7x faster than PyTorch eager on the project's 2-core machine for
@@ -118,3 +119,17 @@ def predict_logits(model: nn.Module, records, img_size: int, spec_mean, spec_std
             outputs.append(model(torch.from_numpy(batch).to(device)).float().cpu().numpy())
             advance(len(chunk))
     return np.concatenate(outputs)
+
+
+@torch.no_grad()
+def trunk_features(model: nn.Module, records, img_size: int, mean, std, batch_size: int = 32,
+                   device: torch.device = CPU, crop: float = 1.0) -> torch.Tensor:
+    """``model.trunk`` on the plain view (the inference transform) of ``records``, in batches, run on
+    ``device``; the features come back on the CPU."""
+    records = list(records)
+    with placed(model.trunk, device) as trunk:
+        return torch.cat([
+            trunk(torch.from_numpy(data_mod.load_tensor_batch(records[i:i + batch_size], img_size, mean, std, crop=crop))
+                  .to(device)).cpu()
+            for i in range(0, len(records), batch_size)
+        ])

@@ -1,4 +1,4 @@
-"""Frozen-trunk fine-tuning with a feature cache, evaluation, and checkpoint loading.
+"""Frozen-trunk fine-tuning with a feature cache, the escape-budget operating point, and evaluation.
 
 A frozen trunk is a fixed function, so its output is computed once per image view and cached:
 the plain view plus a few augmented views of every training image. Head epochs then cost a
@@ -6,6 +6,12 @@ matrix multiply instead of a trunk pass. With ``unfreeze=K`` the cache holds the
 entering the last K trunk blocks, and only those blocks, the pool and the head run per epoch.
 Trunk BatchNorm statistics stay frozen in every mode (small factory datasets cannot re-estimate
 them reliably).
+
+The top layer, beside :mod:`edge_tl.crossval` (neither imports the other): it uses the head's math
+(:mod:`edge_tl.head`, :mod:`edge_tl.operating_point`, :mod:`edge_tl.out_of_fold`), the frozen-trunk
+passes (:mod:`edge_tl.features`) and the shared settings (:mod:`edge_tl.finetune_config`).
+``load_checkpoint``, ``run_records``, ``predict_logits``, ``FinetuneConfig`` and ``validate_inputs``
+live in those lower modules and are importable from here as well.
 """
 from __future__ import annotations
 
@@ -21,71 +27,30 @@ import torch
 from torch import nn
 
 from edge_tl import data as data_mod
-from edge_tl.artifacts import (
-    atomic_write_json,
-    check_new_run_dir,
-    load_weights,
-    read_json,
-    save_weights,
-    staged_run_dir,
-)
-from edge_tl.backbones import BackboneSpec, build_model, get_backbone
+from edge_tl.artifacts import atomic_write_json, save_weights, staged_run_dir
+from edge_tl.backbones import BackboneSpec, build_model
+from edge_tl.checkpoint import load_checkpoint, run_records  # noqa: F401  (documented here too)
 from edge_tl.device import CPU, describe_device, resolve_device
-from edge_tl.errors import ArtifactError, ConfigError, DatasetError
+from edge_tl.errors import ConfigError, DatasetError
 from edge_tl.features import (
     batched,
     cache_features,
     image_views,
     predict_logits,
     resolve_runtime,
-)
-from edge_tl.groups import compile_group_pattern, split_records
-from edge_tl.head import (
-    DEFAULT_HEAD_L2,
-    Standardize,
-    fold_standardization,
-    lbfgs_epoch,
     trunk_features,
 )
+from edge_tl.finetune_config import FinetuneConfig, validate_inputs
+from edge_tl.groups import split_records
+from edge_tl.head import Standardize, fold_standardization, lbfgs_epoch
 from edge_tl.machine import library_versions
 from edge_tl.metrics import classification_metrics, resolve_ok_class
+from edge_tl.operating_point import apply_ok_shift, operating_point
+from edge_tl.out_of_fold import DEFAULT_FOLDS, fold_assignment, fold_units, out_of_fold_logits, part_keys
 from edge_tl.progress import progress_bar
+from edge_tl.run_lock import run_lock
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Settings of one fine-tuning run; every field has a default and is saved in run.json."""
-
-    backbone: str = "efficientnet_lite0"
-    img_size: int | None = None
-    epochs: int = 30
-    unfreeze: int = 0
-    ok_class: str | None = None
-    seed: int = 0
-    val_fraction: float = 0.2
-    batch_size: int = 64
-    lr: float = 1e-3
-    unfreeze_lr_ratio: float = 0.1
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
-    head_l2: float = DEFAULT_HEAD_L2
-    lbfgs_iterations: int = 10
-    augmented_views: int = 4
-    patience: int = 10
-    cache_features: bool = True
-    pretrained: bool = True
-    weights: str | None = None
-    strict: bool = False
-    device: str = "auto"  # where frozen-trunk passes run: auto (a CUDA GPU if PyTorch sees one), cpu, cuda
-    max_escape: float | None = None  # escape budget: lower the ok logit until out-of-fold escapes <= this share
-    crop: float = 1.0  # share of the squashed image kept, centred (1: the whole image; 0.875: ImageNet-style)
-    group_pattern: str | None = None  # regex naming the part in a file name: its images stay on one side of splits
-    trunk_runtime: str = "auto"  # frozen-trunk passes: auto (ONNX Runtime on a CPU, PyTorch on a GPU), torch, onnxruntime
-
-    def resolved_img_size(self, spec: BackboneSpec) -> int:
-        return self.img_size or spec.default_img_size
 
 
 @dataclass
@@ -95,31 +60,6 @@ class FinetuneResult:
     history: list = field(default_factory=list)
     seconds_total: float = 0.0
     seconds_per_epoch: float = 0.0
-
-
-def validate_inputs(data_dir: Path, out: Path | None, cfg: FinetuneConfig, force: bool):
-    """Every check that can fail on user input, before any expensive work."""
-    spec = get_backbone(cfg.backbone)
-    spec.check_img_size(cfg.resolved_img_size(spec))
-    if cfg.epochs < 1:
-        raise ConfigError(f"--epochs {cfg.epochs} must be at least 1")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise ConfigError(f"validation fraction {cfg.val_fraction} must lie strictly between 0 and 1")
-    if cfg.augmented_views < 0:
-        raise ConfigError(f"augmented views {cfg.augmented_views} must be 0 or more")
-    resolve_runtime(cfg.trunk_runtime, resolve_device(cfg.device))
-    data_mod.check_crop(cfg.crop)
-    if cfg.group_pattern is not None:
-        compile_group_pattern(cfg.group_pattern)
-    if cfg.max_escape is not None and not 0.0 <= cfg.max_escape < 1.0:
-        raise ConfigError(f"--max-escape {cfg.max_escape} must lie in [0, 1), e.g. 0.01 for at most 1% of defects passed")
-    if cfg.max_escape is not None and cfg.ok_class is None:
-        raise ConfigError("--max-escape needs --ok-class: name the good-part class whose logit it lowers")
-    if out is not None:
-        check_new_run_dir(out, force)
-    scan = data_mod.scan_image_folder(data_dir, strict=cfg.strict)
-    resolve_ok_class(scan.classes, cfg.ok_class)
-    return spec, scan
 
 
 def freeze_trunk(model: nn.Module, unfreeze: int) -> list[nn.Parameter]:
@@ -179,7 +119,7 @@ def _pooled(tail: _TrainableTail, cached: torch.Tensor) -> torch.Tensor:
 
 
 def train_head(model: nn.Module, train_records, val_records, classes, spec: BackboneSpec, img_size: int,
-               cfg: FinetuneConfig, device: torch.device = CPU) -> tuple[list[dict], float, torch.Tensor | None]:
+               cfg: FinetuneConfig, device: torch.device = CPU) -> tuple[list[dict], float, torch.Tensor | None, int]:
     """Train the head (and the last ``cfg.unfreeze`` blocks); restore the best epoch in place.
     Frozen-trunk passes run on ``device`` (``cfg.device`` resolved by the caller); training on the CPU.
 
@@ -187,8 +127,11 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
     on standardised features, fitted by full-batch L-BFGS over every cached view (an epoch is a
     fixed number of L-BFGS iterations). Uncached, or with unfrozen blocks, training is minibatch
     AdamW; with unfrozen blocks the head starts from that L-BFGS fit (linear probe, then fine-tune).
-    Returns the per-epoch history, the mean seconds per training epoch (excluding caching) and, for a
-    cached frozen trunk, the cached training features (views, N, D) the head was fitted on (else None).
+    Early stopping: after ``cfg.patience`` epochs without a better (validation balanced accuracy, then
+    lower validation loss) epoch, training stops and the best epoch's weights are restored.
+    Returns the per-epoch history, the mean seconds per training epoch (excluding caching), for a
+    cached frozen trunk the cached training features (views, N, D) the head was fitted on (else None),
+    and the restored (best) epoch, counted from 1.
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -251,7 +194,7 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
             features = trunk_features(model, val_records, img_size, spec.mean, spec.std, device=device, crop=cfg.crop)
             return head_net(features).numpy()
 
-    history, best_state, best_key, stale, epoch_seconds = [], None, None, 0, []
+    history, best_state, best_key, best_epoch, stale, epoch_seconds = [], None, None, 0, 0, []
     with progress_bar("training head", total=cfg.epochs) as advance:
         for epoch in range(cfg.epochs):
             start = time.perf_counter()
@@ -285,39 +228,72 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
                             "val_balanced_accuracy": bal})
             key = (bal, -val_loss)
             if best_key is None or key > best_key:
-                best_key, stale = key, 0
+                best_key, best_epoch, stale = key, epoch + 1, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
             advance(1)
             if stale >= cfg.patience:
-                log.info("early stopping after epoch %d (best balanced accuracy %.4f)", epoch + 1, best_key[0])
+                log.info("early stopping after epoch %d (best: epoch %d, balanced accuracy %.4f)", epoch + 1,
+                         best_epoch, best_key[0])
                 break
     model.load_state_dict(best_state)
     fold_standardization(model.head, standardize)
     model.eval()
-    return history, float(np.mean(epoch_seconds)), (pooled if full_batch and cfg.cache_features else None)
+    return (history, float(np.mean(epoch_seconds)), (pooled if full_batch and cfg.cache_features else None),
+            best_epoch)
+
+
+def fit_operating_point(model: nn.Module, records, views: torch.Tensor | None, classes, spec, img_size: int, cfg,
+                        device: torch.device) -> dict:
+    """Choose and apply ``cfg.max_escape``'s ok-logit shift to ``model.head``, measured out of fold on ``records``
+    (the training split): each fold's head is fitted like the deployed one on the other folds' ``views``.
+
+    ``views`` are the cached training features the head was fitted on; without them (unfrozen blocks, no
+    cache) the fitted trunk's plain view is computed, and the estimate is optimistic: that trunk has
+    seen every training image.
+    """
+    labels = np.array([record.label for record in records])
+    if views is None:
+        views = trunk_features(model, records, img_size, spec.mean, spec.std, device=device, crop=cfg.crop)[None]
+    keys = part_keys(records, cfg.group_pattern)
+    folds = int(min(DEFAULT_FOLDS, max(2, min(fold_units(labels, keys, classes).values()))))
+    fold_of = fold_assignment(labels, keys, folds, cfg.seed)
+    logits = out_of_fold_logits(views, labels, len(classes), fold_of, cfg.head_l2, cfg.epochs * cfg.lbfgs_iterations,
+                                cfg.seed)
+    point = operating_point(logits, labels, classes, cfg.ok_class, cfg.max_escape)
+    apply_ok_shift(model.head, resolve_ok_class(classes, cfg.ok_class), point["ok_logit_shift"])
+    log.info("escape budget %.3f: ok logit lowered by %.3f (out of fold on %d training images: escape %.4f, "
+             "false reject %.4f)", cfg.max_escape, point["ok_logit_shift"], len(labels), point["escape_rate"],
+             point["false_reject_rate"])
+    return {**point, "folds": folds, "measured_on": "training split, out of fold"}
 
 
 def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = FinetuneConfig(), force: bool = False) -> FinetuneResult:
-    """Fine-tune a pretrained backbone on an ImageFolder; write a run directory."""
+    """Fine-tune a pretrained backbone on an ImageFolder; write a run directory (under its lock)."""
     started = time.perf_counter()
     data_dir, out = Path(data_dir), Path(out)
-    spec, scan = validate_inputs(data_dir, out, cfg, force)
+    with run_lock(out):
+        spec, scan = validate_inputs(data_dir, out, cfg, force)
+        return _finetune(data_dir, out, cfg, force, spec, scan, started)
+
+
+def _finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, force: bool, spec: BackboneSpec, scan,
+              started: float) -> FinetuneResult:
     img_size = cfg.resolved_img_size(spec)
     train, val = split_records(scan.records, cfg.val_fraction, cfg.seed, cfg.group_pattern, scan.classes)
     model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,
                         weights=cfg.weights)
     device = resolve_device(cfg.device)
-    history, seconds_per_epoch, train_views = train_head(model, train, val, scan.classes, spec, img_size, cfg, device)
-    operating_point = None
+    history, seconds_per_epoch, train_views, best_epoch = train_head(model, train, val, scan.classes, spec, img_size,
+                                                                     cfg, device)
+    point = None
     if cfg.max_escape is not None:
-        from edge_tl.crossval import fit_operating_point
-
-        operating_point = fit_operating_point(model, train, train_views, scan.classes, spec, img_size, cfg, device)
+        point = fit_operating_point(model, train, train_views, scan.classes, spec, img_size, cfg, device)
     logits = predict_logits(model, val, img_size, spec.mean, spec.std, description="evaluating", device=device,
                             crop=cfg.crop)
-    metrics = classification_metrics([r.label for r in val], logits.argmax(1), scan.classes, cfg.ok_class)
+    metrics = {**classification_metrics([r.label for r in val], logits.argmax(1), scan.classes, cfg.ok_class),
+               "best_epoch": best_epoch, "epochs_run": len(history)}
     run_info = {
         "format": "edge-tl-run",
         "version": 1,
@@ -345,7 +321,7 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
         "config": asdict(cfg),
         "trunk_device": describe_device(device),
         "trunk_runtime": resolve_runtime(cfg.trunk_runtime, device),
-        "operating_point": operating_point,
+        "operating_point": point,
         "history": history,
         "versions": library_versions("torchvision", "timm", "onnxruntime"),
     }
@@ -356,35 +332,15 @@ def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = Finetu
     return FinetuneResult(out, metrics, history, time.perf_counter() - started, seconds_per_epoch)
 
 
-def load_checkpoint(run_dir: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the fine-tuned model of a run directory from run.json and model.safetensors."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ArtifactError(f"run directory {run_dir} does not exist; run `edge-tl finetune DATA_DIR --out {run_dir}` first")
-    run_info = read_json(run_dir / "run.json")
-    spec = get_backbone(run_info["backbone"])
-    model = build_model(spec, num_classes=len(run_info["classes"]), img_size=run_info["img_size"], pretrained=False)
-    model.load_state_dict(load_weights(run_dir / "model.safetensors"), strict=True)
-    model.eval()
-    return model, run_info
-
-
-def run_records(run_info: dict, split: str = "val") -> list:
-    """The records of a run's train or validation split, resolved against its data directory."""
-    root = Path(run_info["data_dir"])
-    classes = run_info["classes"]
-    records = []
-    for rel in run_info["split"][f"{split}_files"]:
-        path = root / rel
-        if not path.is_file():
-            raise DatasetError(f"{path} from the run's {split} split is missing; pass --data DIR with the same classes")
-        records.append(data_mod.ImageRecord(path, classes.index(Path(rel).parts[0])))
-    return records
-
-
 def evaluate(run_dir: str | Path, data_dir: str | Path, out: str | Path | None = None, device: str = "auto") -> dict:
-    """Metrics of a fine-tuned run on another folder with the same classes (predictions on ``device``)."""
+    """Metrics of a fine-tuned run on another folder with the same classes (predictions on ``device``);
+    writes ``out`` (default RUN_DIR/evaluation.json) under the run's lock."""
     run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        return _evaluate(run_dir, data_dir, out, device)
+
+
+def _evaluate(run_dir: Path, data_dir: str | Path, out: str | Path | None, device: str) -> dict:
     torch_device = resolve_device(device)
     model, run_info = load_checkpoint(run_dir)
     scan = data_mod.scan_image_folder(data_dir)

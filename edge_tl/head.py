@@ -1,22 +1,17 @@
 """The deployed head of a frozen-trunk run: a standardised logistic regression folded into one nn.Linear.
 
-Fine-tuning fits it on cached trunk features (:mod:`edge_tl.finetune`); after a change to the trunk
-(INT8 fake quantization, pruning) :func:`refit_head` fits it again on what the trunk now outputs.
+Pure math on feature tensors, the bottom layer of fine-tuning: fine-tuning (:mod:`edge_tl.finetune`)
+and cross-validation (:mod:`edge_tl.crossval`) fit it on cached trunk features; after a change to the
+trunk (INT8 fake quantization, pruning) :func:`edge_tl.head_refit.refit_head` fits it again on what
+the trunk now outputs.
 """
 from __future__ import annotations
-
-import copy
-import logging
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from edge_tl import data as data_mod
-from edge_tl.device import CPU, placed
-
-log = logging.getLogger(__name__)
 
 DEFAULT_HEAD_L2 = 1e-2
 
@@ -58,20 +53,6 @@ def lbfgs_epoch(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor, 
     return optimizer.step(closure).item()
 
 
-@torch.no_grad()
-def trunk_features(model: nn.Module, records, img_size: int, mean, std, batch_size: int = 32,
-                   device: torch.device = CPU, crop: float = 1.0) -> torch.Tensor:
-    """``model.trunk`` on the plain view (the inference transform) of ``records``, in batches, run on
-    ``device``; the features come back on the CPU."""
-    records = list(records)
-    with placed(model.trunk, device) as trunk:
-        return torch.cat([
-            trunk(torch.from_numpy(data_mod.load_tensor_batch(records[i:i + batch_size], img_size, mean, std, crop=crop))
-                  .to(device)).cpu()
-            for i in range(0, len(records), batch_size)
-        ])
-
-
 def fit_linear_head(features: torch.Tensor, labels: np.ndarray, num_classes: int, l2: float,
                     iterations: int = 200, seed: int = 0, statistics: torch.Tensor | None = None) -> nn.Linear:
     """The deployed head for fixed ``features``: a class-weighted, L2-regularised logistic regression
@@ -88,38 +69,3 @@ def fit_linear_head(features: torch.Tensor, labels: np.ndarray, num_classes: int
     lbfgs_epoch(head, standardize(features), torch.as_tensor(labels, dtype=torch.long), weights, l2, 0.0, optimizer)
     fold_standardization(head, standardize)
     return head
-
-
-def refit_head(model: nn.Module, run_info: dict, evaluate: Callable[[nn.Module], dict], metrics: dict
-               ) -> tuple[dict, dict]:
-    """Refit ``model.head`` on what ``model.trunk`` now outputs for the training split (plain view).
-
-    After a change to the trunk (INT8 fake quantization, pruning) the head of a frozen-trunk run,
-    a standardised logistic regression leaning on low-spread features, reads shifted features; the
-    same fit (run's L2, training split only) on the new features matches them again. The refit is
-    kept only when ``evaluate(model)["balanced_accuracy"]`` does not fall below ``metrics``' (the
-    model's before it), like early stopping. Returns (metrics of the kept model, a summary).
-    """
-    from edge_tl.finetune import run_records
-
-    train = run_records(run_info, "train")
-    features = trunk_features(model, train, run_info["img_size"], run_info["mean"], run_info["std"],
-                              crop=data_mod.run_crop(run_info))
-    l2 = float(run_info.get("config", {}).get("head_l2", DEFAULT_HEAD_L2))
-    head = fit_linear_head(features, np.array([r.label for r in train]), len(run_info["classes"]), l2)
-    point = run_info.get("operating_point")
-    if point:  # the run's escape budget: its ok-logit shift applies to the refitted head as well
-        from edge_tl.crossval import apply_ok_shift
-
-        apply_ok_shift(head, run_info["classes"].index(run_info["ok_class"]), point["ok_logit_shift"])
-    previous = copy.deepcopy(model.head.state_dict())
-    model.head.load_state_dict(head.state_dict())
-    refit = evaluate(model)
-    kept = refit["balanced_accuracy"] >= metrics["balanced_accuracy"]
-    if not kept:
-        model.head.load_state_dict(previous)
-    log.info("head refit: balanced accuracy %.4f -> %.4f (%s)", metrics["balanced_accuracy"],
-             refit["balanced_accuracy"], "kept" if kept else "discarded")
-    summary = {"kept": kept, "balanced_accuracy_before": metrics["balanced_accuracy"],
-               "balanced_accuracy_after": refit["balanced_accuracy"], "train_images": len(train)}
-    return (refit if kept else metrics), summary

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from edge_tl.artifacts import atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_text
 from edge_tl.errors import BackendUnavailableError
 from edge_tl.recipe import Recipe
+from edge_tl.run_lock import run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +151,18 @@ def run_pipeline(data_dir: str | os.PathLike, run_dir: str | os.PathLike, recipe
     """Run (or resume) the chain on DATA_DIR into RUN_DIR with ``recipe``.
 
     An existing RUN_DIR that ``edge-tl run`` made is resumed; any other non-empty folder needs
-    ``force`` (which starts it over).
+    ``force`` (which starts it over). The whole run holds RUN_DIR's lock (:mod:`edge_tl.run_lock`).
     """
-    from edge_tl.finetune import finetune, validate_inputs
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    with run_lock(run_dir):  # every stage below takes it again, nested
+        return _run_pipeline(data_dir, run_dir, recipe, force)
+
+
+def _run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, force: bool) -> PipelineResult:
+    from edge_tl.finetune import finetune
+    from edge_tl.finetune_config import validate_inputs
 
     started = time.perf_counter()
-    data_dir, run_dir = Path(data_dir), Path(run_dir)
     resumable = (run_dir / STATE_FILE).is_file() and not force
     finetune_cfg = recipe.config("finetune")
     validate_inputs(data_dir, run_dir, finetune_cfg, force=force or resumable)

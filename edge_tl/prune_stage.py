@@ -20,11 +20,12 @@ from edge_tl import data as data_mod
 from edge_tl.artifacts import atomic_write_json, load_weights, read_json, save_weights
 from edge_tl.backbones import build_model
 from edge_tl.errors import AccuracyRegressionError, ArtifactError, ConfigError
-from edge_tl.finetune import load_checkpoint, run_records
-from edge_tl.head import refit_head
+from edge_tl.checkpoint import load_checkpoint, run_records
+from edge_tl.head_refit import refit_head
 from edge_tl.metrics import classification_metrics
 from edge_tl.model_cost import count_macs, count_params, ort_latency_ms
 from edge_tl.recovery import recover
+from edge_tl.run_lock import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,17 @@ class _StageData:
 
 
 def prune_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig()) -> PruneResult:
-    """Prune a fine-tuned run, recover accuracy with distillation, and write RUN_DIR/pruned/."""
-    from edge_tl import prune as prune_mod
-
+    """Prune a fine-tuned run, recover accuracy with distillation, and write RUN_DIR/pruned/ (under the run's
+    lock). With ``cfg.require_speedup`` a pruned model no faster than its parent is an error and is not written."""
     validate_config(cfg)
     run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        return _prune_run(run_dir, cfg)
+
+
+def _prune_run(run_dir: Path, cfg: PruneConfig) -> PruneResult:
+    from edge_tl import prune as prune_mod
+
     run = _StageData.load(run_dir, cfg)
     parent, run_info, train, rng = run.parent, run.run_info, run.train, run.rng
     img_size, classes = run_info["img_size"], run_info["classes"]
@@ -164,6 +171,13 @@ def prune_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig()) -> PruneRes
         metrics["escape_rate_delta"] = 100.0 * (metrics["escape_rate"] - parent_metrics["escape_rate"])
     spec = {**spec, "backbone": run_info["backbone"], "img_size": img_size, "num_classes": len(classes)}
 
+    faster = metrics["faster_than_parent"]
+    if not faster:
+        message = (f"pruned model is not faster than its parent in ONNX Runtime ({latency:.2f} ms vs "
+                   f"{parent_latency:.2f} ms); try another --sparsity or `edge-tl prune RUN_DIR --sweep`")
+        if cfg.require_speedup:  # the slower model is never written
+            raise AccuracyRegressionError(f"{message}; nothing was written (--require-speedup)")
+        log.warning(message)
     out = run_dir / PRUNED_DIR
     staging = Path(tempfile.mkdtemp(prefix=".pruned.", suffix=".partial", dir=run_dir))
     try:
@@ -175,14 +189,6 @@ def prune_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig()) -> PruneRes
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-    faster = metrics["faster_than_parent"]
-    if not faster:
-        message = (f"pruned model is not faster than its parent in ONNX Runtime ({latency:.2f} ms vs "
-                   f"{parent_latency:.2f} ms); try another --sparsity or `edge-tl prune RUN_DIR --sweep`")
-        log.warning(message)
-        if cfg.require_speedup:
-            raise AccuracyRegressionError(message)
     return PruneResult(out, metrics, faster)
 
 
@@ -215,11 +221,16 @@ def load_stage_model(run_dir: str | Path, stage: str) -> tuple[nn.Module, dict]:
 def sweep_run(run_dir: str | Path, cfg: PruneConfig = PruneConfig(),
               sparsities: tuple[float, ...] = (0.3, 0.5, 0.7)) -> dict:
     """Accuracy (after the head refit, no recovery), MACs and latency per trunk stage and sparsity
-    -> RUN_DIR/pruned_sweep.json."""
-    from edge_tl.prune_sweep import sweep
-
+    -> RUN_DIR/pruned_sweep.json (under the run's lock)."""
     validate_config(cfg)
     run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        return _sweep_run(run_dir, cfg, sparsities)
+
+
+def _sweep_run(run_dir: Path, cfg: PruneConfig, sparsities: tuple[float, ...]) -> dict:
+    from edge_tl.prune_sweep import sweep
+
     run = _StageData.load(run_dir, cfg)
 
     def accuracy(model: nn.Module) -> float:

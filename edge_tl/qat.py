@@ -12,9 +12,10 @@ from torch import nn
 from calibrate.calibration_file import CalibrationTensor
 from edge_tl import data as data_mod
 from edge_tl import nni_compat
-from edge_tl.finetune import run_records
+from edge_tl.checkpoint import run_records
 from edge_tl.metrics import classification_metrics
-from edge_tl.quantize import QuantizeConfig, current_tensors, predict, apply_calibration, nni_config_list
+from edge_tl.quantize_config import QuantizeConfig
+from edge_tl.quantize_targets import apply_calibration, current_tensors, nni_config_list, tensor_logits
 
 from nni.compression.quantization import QATQuantizer  # after nni_compat: NNI import warnings
 
@@ -40,7 +41,7 @@ class _QatLoop:
         self.train_images, self.val_images, self.val_labels = train_images, val_images, val_labels
         self.run_info, self.cfg = run_info, cfg
         with torch.no_grad():
-            self.val_teacher = F.log_softmax(torch.from_numpy(predict(teacher, val_images)), dim=1)
+            self.val_teacher = F.log_softmax(torch.from_numpy(tensor_logits(teacher, val_images)), dim=1)
         self.history: list[dict] = []
         self.best: tuple = ()
         self.best_state: dict | None = None
@@ -60,7 +61,7 @@ class _QatLoop:
         scales instead of NNI's moving-average weight ranges), i.e. as it would be exported.
         """
         apply_calibration(self.quantizer, current_tensors(self.quantizer, self.plan))
-        logits = torch.from_numpy(predict(model, self.val_images))
+        logits = torch.from_numpy(tensor_logits(model, self.val_images))
         predictions = logits.argmax(1).numpy()
         balanced = classification_metrics(self.val_labels, predictions, self.run_info["classes"])["balanced_accuracy"]
         divergence = float(F.kl_div(F.log_softmax(logits, dim=1), self.val_teacher, reduction="batchmean",

@@ -40,126 +40,39 @@ from torch import nn
 
 from calibrate.calibration_file import Calibration, CalibrationTensor, read_calibration, write_calibration
 from calibrate.observe import input_layers, output_layers, quantization_plan
-from calibrate.ranges import DEFAULT_PERCENTILE, RangeObserver, check_range_method
+from calibrate.ranges import RangeObserver
 from calibrate.sources import ClassBalancedSource, iter_batches
 from edge_tl import data as data_mod
 from edge_tl import nni_compat
-from edge_tl.artifacts import atomic_write_json, load_weights, read_json, save_weights, sha256_file
-from edge_tl.errors import ArtifactError, ConfigError
-from edge_tl.finetune import load_checkpoint, run_records
+from edge_tl.artifacts import atomic_write_json, save_weights, sha256_file
+from edge_tl.checkpoint import run_records
+from edge_tl.errors import ConfigError
 from edge_tl.fold import fold_batchnorm
-from edge_tl.head import refit_head
+from edge_tl.head_refit import refit_head
 from edge_tl.metrics import classification_metrics
+from edge_tl.prune_stage import load_stage_model
+from edge_tl.quantize_config import (  # noqa: F401  (MODES, validate_config: old import path)
+    INPUT_NAME,
+    MODES,
+    STAGES,
+    QuantizeConfig,
+    check_quantize_outputs,
+    quantized_dir,
+    validate_config,
+)
+from edge_tl.quantize_targets import NNI_TARGETS, apply_calibration, current_tensors, nni_config_list, tensor_logits
 from edge_tl.reconstruct import reconstruct_weights
+from edge_tl.run_lock import run_lock
 
 from nni.compression.quantization import PtqQuantizer  # after nni_compat: NNI import warnings
 
 log = logging.getLogger(__name__)
-
-STAGES = ("float", "pruned")
-MODES = ("ptq", "qat")
-INPUT_NAME = "input"
-_NNI_TARGETS = {"input": "_input_0", "weight": "weight", "output": "_output_0"}
-_ROLES = {target: role for role, target in _NNI_TARGETS.items()}
-_ACTIVATION_SETTING = {"quant_dtype": "uint8", "quant_scheme": "affine"}
-_WEIGHT_SETTING = {"quant_dtype": "int8", "quant_scheme": "symmetric", "granularity": "out_channel"}
-
-
-@dataclass(frozen=True)
-class QuantizeConfig:
-    """Settings of one quantize run. ``percentile`` applies to ``method='percentile'`` only;
-    ``float_head`` keeps the layer producing the logits float (no calibration.json entry),
-    ``float_stem`` the layer reading the image;
-    ``reconstruct`` re-solves every quantized convolution, after calibration, against the float
-    model on ``reconstruct_images`` class-balanced training images (before QAT too);
-    ``refit_head`` refits the float head, after PTQ, on the quantized trunk's training-split features."""
-
-    stage: str = "float"
-    mode: str = "ptq"
-    calib_images: int = 512
-    method: str = "minmax"
-    qat_epochs: int = 3
-    qat_lr: float = 1e-5
-    batch_size: int = 16
-    seed: int = 0
-    percentile: float = DEFAULT_PERCENTILE
-    float_head: bool = True
-    float_stem: bool = True
-    refit_head: bool = False  # PTQ with a float head: refit it on the quantized trunk's training features
-    reconstruct: bool = True  # re-solve each quantized conv against the float model (edge_tl/reconstruct.py)
-    reconstruct_images: int = 512
-
 
 @dataclass(frozen=True)
 class QuantizeResult:
     calibration_path: Path
     metrics: dict
     model_path: Path | None = None  # tuned folded weights (QAT, or PTQ with a refit head)
-
-
-def validate_config(cfg: QuantizeConfig) -> None:
-    """Every check on the settings, before any work."""
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"--stage {cfg.stage!r} is not one of {', '.join(STAGES)}")
-    if cfg.mode not in MODES:
-        raise ConfigError(f"--mode {cfg.mode!r} is not one of {', '.join(MODES)}")
-    check_range_method(cfg.method, cfg.percentile)
-    if not isinstance(cfg.float_head, bool):
-        raise ConfigError(f"float_head {cfg.float_head!r} must be true or false (true keeps the classifier head float)")
-    if not isinstance(cfg.float_stem, bool):
-        raise ConfigError(f"float_stem {cfg.float_stem!r} must be true or false "
-                          "(true keeps the stem convolution float)")
-    if not isinstance(cfg.refit_head, bool):
-        raise ConfigError(f"refit_head {cfg.refit_head!r} must be true or false (true refits the float head after PTQ)")
-    if not isinstance(cfg.reconstruct, bool):
-        raise ConfigError(f"reconstruct {cfg.reconstruct!r} must be true or false (true re-solves the quantized "
-                          "weights against the float model)")
-    for name, value in (("--calib-images", cfg.calib_images), ("batch size", cfg.batch_size),
-                        ("reconstruct images", cfg.reconstruct_images)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} {value!r} must be an integer >= 1, e.g. 512 calibration images")
-    if cfg.mode == "qat":
-        if isinstance(cfg.qat_epochs, bool) or not isinstance(cfg.qat_epochs, int) or cfg.qat_epochs < 1:
-            raise ConfigError(f"QAT epochs {cfg.qat_epochs!r} must be an integer >= 1, e.g. 3")
-        if not 0.0 < cfg.qat_lr < 1.0:
-            raise ConfigError(f"QAT learning rate {cfg.qat_lr!r} must lie in (0, 1), e.g. 1e-5")
-
-
-def quantized_dir(run_dir: str | Path, stage: str) -> Path:
-    return Path(run_dir) / "quantized" / stage
-
-
-def load_stage_model(run_dir: str | Path, stage: str) -> tuple[nn.Module, dict]:
-    """The float model of ``stage`` (``float``: the fine-tuned checkpoint; ``pruned``: RUN_DIR/pruned)."""
-    run_dir = Path(run_dir)
-    if stage == "float":
-        return load_checkpoint(run_dir)
-    if not (run_dir / "pruned").is_dir():
-        raise ArtifactError(f"{run_dir / 'pruned'} does not exist; run `edge-tl prune {run_dir}` first")
-    from edge_tl.prune_stage import load_pruned
-
-    return load_pruned(run_dir)
-
-
-def nni_config_list(plan: dict[str, tuple[str, ...]]) -> list[dict]:
-    """NNI 3.0 config_list: uint8 affine per-tensor activations, int8 symmetric per-channel weights."""
-    by_roles: dict[tuple[str, ...], list[str]] = {}
-    for name, roles in plan.items():
-        by_roles.setdefault(roles, []).append(name)
-    configs = []
-    for roles, names in by_roles.items():
-        settings = {_NNI_TARGETS[role]: dict(_WEIGHT_SETTING if role == "weight" else _ACTIVATION_SETTING)
-                    for role in roles}
-        # NNI's schema requires a top-level quant_dtype; target_settings override it per target.
-        configs.append({"op_names": names, "target_names": list(settings), "target_settings": settings,
-                        "quant_dtype": "int8"})
-    return configs
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    model.eval()
-    return torch.cat([model(chunk) for chunk in torch.split(images, batch_size)]).float().numpy()
 
 
 def _calibrate(folded: nn.Module, plan, source: ClassBalancedSource,
@@ -202,35 +115,11 @@ def _calibrate(folded: nn.Module, plan, source: ClassBalancedSource,
 
 def _observed(tensor: CalibrationTensor, observers: dict, cfg: QuantizeConfig) -> CalibrationTensor:
     """``tensor`` with the percentile/entropy range of the activations its observer saw."""
-    observer = observers[(tensor.module, _NNI_TARGETS[tensor.role])]
+    observer = observers[(tensor.module, NNI_TARGETS[tensor.role])]
     # float32 like NNI's tracked ranges, so QAT (which keeps ranges in float32) starts from these exact numbers
     low, high = (float(np.float32(value)) for value in observer.compute(cfg.method, cfg.percentile))
     return CalibrationTensor.activation(tensor.module, tensor.role, low, high, observed_min=observer.min_value,
                                         observed_max=observer.max_value)
-
-
-def current_tensors(quantizer, plan) -> list[CalibrationTensor]:
-    """Calibration entries (in plan order) for the current weights and NNI's current activation ranges."""
-    tensors = []
-    for module_name, target_name, space in nni_compat.quantization_targets(quantizer):
-        role = _ROLES[target_name]
-        if role == "weight":
-            tensors.append(CalibrationTensor.weight(module_name, space.target.detach().cpu().numpy()))
-        else:
-            low, high = float(space.tracked_min), float(space.tracked_max)
-            tensors.append(CalibrationTensor.activation(module_name, role, low, high))
-    order = {(name, role): index for index, (name, roles) in enumerate(plan.items()) for role in roles}
-    rank = {"input": 0, "weight": 1, "output": 2}
-    return sorted(tensors, key=lambda t: (order[(t.module, t.role)], rank[t.role]))
-
-
-def apply_calibration(quantizer, tensors: list[CalibrationTensor], with_ranges: bool = False) -> None:
-    """Write calibration scales/zero points (and, with ``with_ranges``, min/max) into NNI's target spaces."""
-    by_key = {(t.module, _NNI_TARGETS[t.role]): t for t in tensors}
-    for module_name, target_name, space in nni_compat.quantization_targets(quantizer):
-        tensor = by_key[(module_name, target_name)]
-        ranges = (tensor.min, tensor.max) if with_ranges else (None, None)
-        nni_compat.set_quantization_params(space, tensor.scale, tensor.zero_point, *ranges)
 
 
 def _reconstruct(quantizer, folded: nn.Module, tensors: list[CalibrationTensor], source: ClassBalancedSource,
@@ -270,9 +159,14 @@ def _reconstruct(quantizer, folded: nn.Module, tensors: list[CalibrationTensor],
 
 
 def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> QuantizeResult:
-    """PTQ (and QAT) of the run's ``cfg.stage`` model; writes RUN_DIR/quantized/<stage>/."""
+    """PTQ (and QAT) of the run's ``cfg.stage`` model; writes RUN_DIR/quantized/<stage>/ (under the run's lock)."""
     validate_config(cfg)
     run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        return _quantize(run_dir, cfg)
+
+
+def _quantize(run_dir: Path, cfg: QuantizeConfig) -> QuantizeResult:
     model, run_info = load_stage_model(run_dir, cfg.stage)
     size, mean, std, classes = run_info["img_size"], run_info["mean"], run_info["std"], run_info["classes"]
     val = run_records(run_info, "val")
@@ -288,9 +182,9 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig()) -> Qua
         return {**metrics, "logit_error": float(np.mean(np.abs(logits - float_logits)))}
 
     def evaluate(net: nn.Module) -> dict:
-        return scored(predict(net, val_images))
+        return scored(tensor_logits(net, val_images))
 
-    float_logits = predict(model, val_images)
+    float_logits = tensor_logits(model, val_images)
     float_metrics = scored(float_logits)
     folded = fold_batchnorm(model)
     float_modules = sorted({*(output_layers(folded) if cfg.float_head else ()),
@@ -343,7 +237,7 @@ def _write_outputs(out: Path, cfg: QuantizeConfig, run_info: dict, source: Class
     calibration = Calibration(
         model={"stage": cfg.stage, "img_size": run_info["img_size"], "input_name": INPUT_NAME,
                "backbone": run_info["backbone"], "mode": cfg.mode, "float_modules": metrics["float_modules"],
-               "tuned_weights": tuned},
+               "tuned_weights": tuned, **({"tuned_weights_sha256": sha256_file(weights_path)} if tuned else {})},
         method=cfg.method, calibration_files_hash=source.file_list_hash(root=run_info["data_dir"]),
         tensors=tuple(tensors),
     )
@@ -366,25 +260,17 @@ def _relative(path: Path, root: str) -> str:
 
 
 def load_quantized_model(run_dir: str | Path, stage: str = "float") -> tuple[nn.Module, dict, Calibration]:
-    """(folded float model, run_info, calibration) of RUN_DIR/quantized/<stage> for the INT8 export.
+    """(folded float model, run_info, calibration) of RUN_DIR/quantized/<stage>, as the INT8 export loads
+    them (:func:`export.stage.load_int8_model`: the files checked against their sha256 first).
 
     The model is the stage's model with BatchNorm folded, carrying the tuned weights (QAT, or the
     PTQ head refit) when the quantize run wrote them; calibration.json's module names refer to it.
     """
+    from export.stage import load_int8_model
+
     if stage not in STAGES:
         raise ConfigError(f"--stage {stage!r} is not one of {', '.join(STAGES)}")
-    out = quantized_dir(run_dir, stage)
-    if not (out / "metrics.json").is_file():
-        raise ArtifactError(f"{out} holds no finished quantize run; "
-                            f"run `edge-tl quantize {run_dir} --stage {stage}` first")
-    manifest = read_json(out / "metrics.json")
-    for name, digest in manifest.get("files", {}).items():
-        if not (out / name).is_file() or sha256_file(out / name) != digest:
-            raise ArtifactError(f"{out / name} is missing or changed since quantize wrote it; "
-                                f"rerun `edge-tl quantize {run_dir} --stage {stage}`")
-    calibration = read_calibration(out / "calibration.json")
+    check_quantize_outputs(run_dir, stage, require_manifest=True)
     model, run_info = load_stage_model(run_dir, stage)
-    folded = fold_batchnorm(model)
-    if "model.safetensors" in manifest.get("files", {}):  # QAT or PTQ with a refit head
-        folded.load_state_dict(load_weights(out / "model.safetensors"), strict=True)
-    return folded.eval(), run_info, calibration
+    folded, calibration, _ = load_int8_model(run_dir, stage, model, int(run_info["img_size"]))
+    return folded, run_info, calibration

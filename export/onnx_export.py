@@ -27,6 +27,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 PARITY_SEED = 0
+# The most an export's logits may differ from its PyTorch model's on the parity input, as a share of
+# the logits' scale (max |PyTorch logit|, at least 1): the one place these tolerances are stated.
+# Real exports reach: FP32 below 1e-5 of scale (round-off of the folded BatchNorm), FP16 a few 1e-3
+# (tests/test_export_stage.py bounds it at 1e-2), INT8 a few tenths on the coarse 64 px test model
+# and when every activation range saturates (tests/test_verify.py's deliberately bad export, which
+# must still be written so that verify can reject it); beyond these the export itself is broken.
+PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 4.0}
 
 
 def torch_to_onnx_proto(model: nn.Module, img_size: int, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
@@ -77,6 +84,24 @@ def check_onnx(model):
 def parity_input(img_size: int, batch: int, seed: int = PARITY_SEED) -> np.ndarray:
     """The fixed input parity is measured on: standard normal, like normalised images."""
     return np.random.default_rng(seed).standard_normal((batch, 3, img_size, img_size)).astype(np.float32)
+
+
+def logit_scale(model: nn.Module, img_size: int, batch: int) -> float:
+    """max |logit| of ``model`` on the parity input, at least 1: what :data:`PARITY_TOLERANCE` is relative to."""
+    with torch.no_grad():
+        logits = model.eval()(torch.from_numpy(parity_input(img_size, batch)))
+    return max(1.0, float(logits.abs().max()))
+
+
+def check_parity(max_abs_diff: float, scale: float, precision: str, path: str | os.PathLike) -> dict[str, float]:
+    """The parity record of an export; an ArtifactError when ``max_abs_diff`` exceeds the precision's tolerance."""
+    tolerance = PARITY_TOLERANCE[precision] * scale
+    if not np.isfinite(max_abs_diff) or max_abs_diff > tolerance:
+        raise ArtifactError(
+            f"{Path(path).name}: max |ONNX - PyTorch| {max_abs_diff:.3g} exceeds the {precision} tolerance "
+            f"{tolerance:.3g} ({PARITY_TOLERANCE[precision]:g} x logit scale {scale:.3g}); the export is broken, "
+            "nothing was written: report it as a bug")
+    return {"max_abs_diff_tolerance": tolerance, "logit_scale": scale}
 
 
 def export_onnx(

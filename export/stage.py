@@ -44,6 +44,8 @@ from edge_tl.data import run_crop
 from edge_tl.errors import ArtifactError, ConfigError
 from edge_tl.machine import library_versions
 from edge_tl.prune_stage import load_stage_model
+from edge_tl.quantize_config import check_quantize_outputs
+from edge_tl.run_lock import run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,7 @@ def _checked_calibration(run_dir: Path, stage: str, img_size: int) -> tuple[Cali
     path = calibration_path(run_dir, stage)
     if not path.is_file():
         raise ArtifactError(f"INT8 export needs {path}; run `edge-tl quantize {run_dir} --stage {stage}` first")
+    check_quantize_outputs(run_dir, stage)
     calibration = read_calibration(path)
     recorded_stage, recorded_size = calibration.model.get("stage"), calibration.model.get("img_size")
     if recorded_stage not in (None, stage):
@@ -155,6 +158,10 @@ def _checked_calibration(run_dir: Path, stage: str, img_size: int) -> tuple[Cali
     tuned = calibration.model.get("mode") == "qat" or bool(calibration.model.get("tuned_weights"))
     if tuned and not weights_path.is_file():
         raise ArtifactError(f"{path} refers to tuned weights but {weights_path} is missing; rerun `edge-tl quantize`")
+    recorded = calibration.model.get("tuned_weights_sha256")
+    if tuned and recorded is not None and sha256_file(weights_path) != recorded:
+        raise ArtifactError(f"{weights_path} changed since quantize wrote it (its sha256 differs from {path}'s); "
+                            f"rerun `edge-tl quantize {run_dir} --stage {stage}`")
     if not tuned and weights_path.is_file():
         raise ArtifactError(f"{weights_path} is left from an older quantize run that {path} does not use; "
                             "delete it or rerun `edge-tl quantize`")
@@ -240,7 +247,7 @@ def _torch_parity(onnx_path: Path, model: nn.Module, img_size: int, dynamic_batc
 
 def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: dict) -> dict[str, Any]:
     from export.fp16 import export_fp16_onnx
-    from export.onnx_export import export_onnx
+    from export.onnx_export import check_parity, export_onnx, logit_scale
     from export.onnx_metadata import preprocessing_metadata, read_onnx_metadata
     from export.qdq import export_qdq_onnx
 
@@ -256,7 +263,7 @@ def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: d
         "img_size": img_size, "backbone": run_info.get("backbone"),
         "run_json_sha256": sha256_file(run_dir / "run.json"),
     }
-    implicit = None
+    implicit, reference = None, model  # reference: the PyTorch model parity is measured against
     with _staging(export_dir(run_dir)) as staging:
         staged = staging / name
         if cfg.precision == "fp32":
@@ -270,6 +277,7 @@ def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: d
             manifest["parity_reference"] = f"PyTorch {cfg.stage} model"
         else:
             quantized, calibration, facts = load_int8_model(run_dir, cfg.stage, model, img_size)
+            reference = quantized
             metadata["int8_weights"] = facts["weights"]
             report = export_qdq_onnx(quantized, calibration, img_size, staged, cfg.target, cfg.opset,
                                      cfg.dynamic_batch, metadata)
@@ -291,6 +299,8 @@ def _export_onnx(run_dir: Path, cfg: ExportConfig, model: nn.Module, run_info: d
         })
         if "max_abs_diff_vs_fp32" in report:
             manifest["max_abs_diff_vs_fp32"] = report["max_abs_diff_vs_fp32"]
+        manifest.update(check_parity(report["max_abs_diff"], logit_scale(reference, img_size, 2 if cfg.dynamic_batch else 1),
+                                     cfg.precision, final))
         manifest["verification_pack"] = _pack_facts(run_dir, cfg)
         _publish(staged, final, onnx_manifest_path(final), manifest)
     if implicit is not None:
@@ -315,7 +325,7 @@ def _export_implicit_int8(run_dir: Path, cfg: ExportConfig, quantized: nn.Module
     describe, and the cache names that file's tensors; its manifest pairs them by sha256. The cache
     header carries :data:`IMPLICIT_CACHE_TRT_VERSION`; the device build rewrites it to its own.
     """
-    from export.onnx_export import export_onnx
+    from export.onnx_export import check_parity, export_onnx, logit_scale
     from export.onnx_metadata import read_onnx_metadata
     from export.onnx_ranges import export_tensorrt_cache
 
@@ -325,9 +335,11 @@ def _export_implicit_int8(run_dir: Path, cfg: ExportConfig, quantized: nn.Module
                              {**metadata, "int8_calibration": "implicit", "int8_weights": facts["weights"]})
         scales = export_tensorrt_cache(staging / onnx_name, quantized, calibration, staging / cache_name,
                                        IMPLICIT_CACHE_TRT_VERSION)
+        parity = check_parity(report["max_abs_diff"], logit_scale(quantized, base["img_size"], report["parity_batch"]),
+                              "fp32", onnx_name)
         manifest = {
             **base, "artifact": onnx_name, "precision": "fp32", "purpose": "implicit INT8 (DLA, TensorRT <= 10)",
-            "calibration": facts, "max_abs_diff": report["max_abs_diff"],
+            "calibration": facts, "max_abs_diff": report["max_abs_diff"], **parity,
             "parity_reference": f"PyTorch {cfg.stage} model, BN-folded"
                                 + (", tuned weights" if facts["weights"] == "tuned" else ""),
             "calibration_cache": {"file": cache_name, "sha256": sha256_file(staging / cache_name),
@@ -374,8 +386,9 @@ def export_artifact(run_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig
     validate_config(cfg)
     run_dir = Path(run_dir)
     _check_run(run_dir, cfg)
-    model, _ = load_stage_model(run_dir, cfg.stage)
-    run_info = read_json(run_dir / "run.json")
-    if cfg.format == "engine":
-        return _export_engine(run_dir, cfg, model, run_info)
-    return _export_onnx(run_dir, cfg, model, run_info)
+    with run_lock(run_dir):
+        model, _ = load_stage_model(run_dir, cfg.stage)
+        run_info = read_json(run_dir / "run.json")
+        if cfg.format == "engine":
+            return _export_engine(run_dir, cfg, model, run_info)
+        return _export_onnx(run_dir, cfg, model, run_info)

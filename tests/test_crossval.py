@@ -9,22 +9,21 @@ import torch
 
 from edge_tl.backbones import get_backbone
 from edge_tl.cli import main
-from edge_tl.crossval import (
-    cross_validate,
-    fit_operating_point,
-    ok_logit_shift,
-    out_of_fold_logits,
-    stratified_folds,
-)
+from edge_tl.crossval import cross_validate
 from edge_tl.errors import ConfigError
+from edge_tl.features import trunk_features
 from edge_tl.finetune import (
     FinetuneConfig,
     finetune,
+    fit_operating_point,
     load_checkpoint,
     predict_logits,
     run_records,
 )
-from edge_tl.head import fit_linear_head, refit_head, trunk_features
+from edge_tl.head import fit_linear_head
+from edge_tl.head_refit import refit_head
+from edge_tl.operating_point import ok_logit_shift
+from edge_tl.out_of_fold import out_of_fold_logits, stratified_folds
 from edge_tl.synthetic import make_surface_dataset
 
 IMG = 64

@@ -199,6 +199,54 @@ def test_qat_weights_are_used_and_stated(run_dir, tmp_path):
         export_artifact(run, ExportConfig(precision="int8"))
 
 
+def test_int8_export_checks_the_quantized_files_against_their_sha256(run_dir, tmp_path):
+    """What quantize pins: the tuned weights by calibration.json's sha256, every file by metrics.json's."""
+    run = _copy_run(run_dir, tmp_path)
+    out = run / "quantized" / "float"
+    model, _ = load_checkpoint(run)
+    tuned = fold_batchnorm(model)
+    save_weights(out / "model.safetensors", tuned.state_dict(), {"mode": "qat"})
+    write_ptq_calibration(run, model=tuned, mode="qat")
+    document = read_json(out / "calibration.json")
+    document["model"]["tuned_weights_sha256"] = sha256_file(out / "model.safetensors")
+    atomic_write_json(out / "calibration.json", document)
+
+    def pin_files():
+        atomic_write_json(out / "metrics.json", {"files": {name: sha256_file(out / name)
+                                                           for name in ("calibration.json", "model.safetensors")}})
+
+    pin_files()
+    assert export_artifact(run, ExportConfig(precision="int8"))["calibration"]["weights"] == "tuned"
+    before = {path.name: sha256_file(path) for path in (run / "export").iterdir()}
+    with torch.no_grad():
+        tuned.head.bias.add_(1.0)
+    save_weights(out / "model.safetensors", tuned.state_dict(), {"mode": "qat"})
+    with pytest.raises(ArtifactError, match="model.safetensors is missing or changed since quantize wrote it"):
+        export_artifact(run, ExportConfig(precision="int8"))
+    pin_files()  # metrics.json agrees with the new weights: calibration.json's own pin still refuses them
+    with pytest.raises(ArtifactError, match="model.safetensors changed since quantize wrote it"):
+        export_artifact(run, ExportConfig(precision="int8"))
+    (out / "metrics.json").unlink()
+    with pytest.raises(ArtifactError, match="model.safetensors changed since quantize wrote it"):
+        export_artifact(run, ExportConfig(precision="int8"))
+    assert {path.name: sha256_file(path) for path in (run / "export").iterdir()} == before
+
+
+def test_an_export_beyond_its_parity_tolerance_is_refused_and_leaves_nothing(run_dir, tmp_path, monkeypatch):
+    from export import onnx_export
+
+    run = _copy_run(run_dir, tmp_path)
+    manifest = export_artifact(run, ExportConfig(precision="fp16"))
+    assert manifest["max_abs_diff"] <= manifest["max_abs_diff_tolerance"]
+    assert manifest["max_abs_diff_tolerance"] == pytest.approx(onnx_export.PARITY_TOLERANCE["fp16"] * manifest["logit_scale"])
+    before = {path.name: sha256_file(path) for path in (run / "export").iterdir()}
+    # a tolerance no export meets stands for a broken export
+    monkeypatch.setitem(onnx_export.PARITY_TOLERANCE, "fp32", -1.0)
+    with pytest.raises(ArtifactError, match=r"model.float.fp32.onnx: max \|ONNX - PyTorch\| .* exceeds the fp32 tolerance"):
+        export_artifact(run, ExportConfig(precision="fp32"))
+    assert {path.name: sha256_file(path) for path in (run / "export").iterdir()} == before
+
+
 def test_missing_calibration_is_a_clear_error_and_writes_nothing(run_dir, tmp_path):
     run = _copy_run(run_dir, tmp_path)
     shutil.rmtree(run / "quantized")

@@ -14,6 +14,8 @@ from edge_tl.finetune import (
     finetune,
     freeze_trunk,
     load_checkpoint,
+    predict_logits,
+    run_records,
 )
 from edge_tl.synthetic import make_surface_dataset
 
@@ -83,6 +85,32 @@ def test_unfreeze_trains_only_the_last_blocks(surface_dataset, tmp_path):
         tuned = model.trunk.blocks[index].state_dict()
         same = all(torch.equal(t, tuned[n]) for n, t in fresh.trunk.blocks[index].state_dict().items())
         assert same == (index < blocks - 2), index
+    # the unfrozen blocks' weights trained, their BatchNorm statistics did not move
+    statistics = [(name, buffer) for name, buffer in fresh.trunk.blocks.named_buffers()
+                  if name.split(".")[0] in {str(blocks - 2), str(blocks - 1)}]
+    assert {name.rsplit(".", 1)[1] for name, _ in statistics} >= {"running_mean", "running_var"}
+    tuned_buffers = dict(model.trunk.blocks.named_buffers())
+    for name, buffer in statistics:
+        assert torch.equal(buffer, tuned_buffers[name]), name
+
+
+def test_early_stopping_restores_the_best_epoch(textures, tmp_path):
+    """Patience 2: training stops 2 epochs after the best one, and the saved head is that epoch's."""
+    cfg = FinetuneConfig(img_size=IMG, epochs=30, augmented_views=0, ok_class="ok", seed=0, patience=2,
+                         lbfgs_iterations=20)
+    result = finetune(textures, tmp_path / "run", cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    history = result.history
+    best = metrics["best_epoch"]
+    assert metrics["epochs_run"] == len(history) == best + cfg.patience < cfg.epochs
+    keys = [(row["val_balanced_accuracy"], -row["val_loss"]) for row in history]
+    assert keys.index(max(keys)) == best - 1  # the first epoch of the best (balanced accuracy, -loss)
+    model, run_info = load_checkpoint(tmp_path / "run")
+    val = run_records(run_info, "val")
+    logits = predict_logits(model, val, IMG, run_info["mean"], run_info["std"])
+    loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.tensor([r.label for r in val])))
+    assert loss == pytest.approx(history[best - 1]["val_loss"], rel=1e-4)
+    assert abs(history[-1]["val_loss"] - history[best - 1]["val_loss"]) > 1e-3  # the last epoch's head differs
 
 
 def test_cached_and_uncached_training_reach_the_same_accuracy(finetuned_run, textures, tmp_path):

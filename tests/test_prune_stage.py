@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -50,12 +51,33 @@ def test_prune_run_writes_spec_weights_and_metrics(run_dir):
         assert torch.equal(pruned(x), again(x))
 
 
-def test_require_speedup_exit_code_matches_measurement(run_dir, capsys):
-    code = main(["prune", str(run_dir), "--recover-epochs", "0", "--require-speedup"])
-    metrics = json.loads((run_dir / "pruned" / "metrics.json").read_text())
-    assert code == (0 if metrics["faster_than_parent"] else 1)
-    if code:
-        assert "not faster" in capsys.readouterr().err
+@pytest.mark.parametrize("pruned_is_faster", [True, False])
+def test_require_speedup_exit_code_and_cleanup_follow_the_measurement(run_dir, tmp_path, monkeypatch, capsys,
+                                                                      pruned_is_faster):
+    """The test decides the branch: the stage's latency measurement reads MACs (fewer -> faster, or slower)."""
+    import edge_tl.prune_stage as stage
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("pruned", "pruned_sweep.json"))
+    measured = []
+
+    def latency_ms(model, img_size, runs):
+        macs = count_macs(model, img_size)
+        measured.append(macs)
+        return macs / 1e6 if pruned_is_faster else 1e9 / macs
+
+    monkeypatch.setattr(stage, "ort_latency_ms", latency_ms)
+    code = main(["prune", str(run), "--recover-epochs", "0", "--require-speedup"])
+    assert len(measured) == 2 and measured[1] < measured[0]  # parent, then the (smaller) pruned model
+    error = capsys.readouterr().err
+    if pruned_is_faster:
+        assert code == 0
+        metrics = json.loads((run / "pruned" / "metrics.json").read_text())
+        assert metrics["faster_than_parent"] and metrics["ort_latency_ratio"] == pytest.approx(measured[0] / measured[1])
+    else:
+        assert code == 1 and "not faster" in error and "nothing was written" in error
+        assert not (run / "pruned").exists()
+    assert not [path.name for path in run.iterdir() if path.name.endswith(".partial")]
 
 
 def test_bad_prune_settings_are_errors(run_dir, capsys):
@@ -68,7 +90,7 @@ def test_sweep_reads_accuracy_after_the_head_refit(run_dir, caplog):
     from edge_tl.prune_stage import sweep_run
 
     settings = dict(sparsities=(0.7,))
-    with caplog.at_level("INFO", logger="edge_tl.head"):
+    with caplog.at_level("INFO", logger="edge_tl.head_refit"):
         refit = sweep_run(run_dir, PruneConfig(latency_runs=3), **settings)
     refits = [r for r in caplog.records if r.getMessage().startswith("head refit:")]
     assert len(refits) == len(refit["rows"]) >= 5  # every pruned row (four stages, all stages), not the parent
