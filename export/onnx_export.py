@@ -30,10 +30,11 @@ PARITY_SEED = 0
 # The most an export's logits may differ from its PyTorch model's on the parity input, as a share of
 # the logits' scale (max |PyTorch logit|, at least 1): the one place these tolerances are stated.
 # Real exports reach: FP32 below 1e-5 of scale (round-off of the folded BatchNorm), FP16 a few 1e-3
-# (tests/test_export_stage.py bounds it at 1e-2), INT8 a few tenths on the coarse 64 px test model
-# and when every activation range saturates (tests/test_verify.py's deliberately bad export, which
-# must still be written so that verify can reject it); beyond these the export itself is broken.
-PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 4.0}
+# (tests/test_export_stage.py bounds it at 1e-2), INT8 0.64 of scale on the coarse 64 px test model
+# and 0.95 when every activation range saturates (tests/test_verify.py's deliberately bad export,
+# which must still be written so that verify can reject it). INT8 accuracy is verify's to judge;
+# its bound here only refuses an export whose logits are off by more than twice their own scale.
+PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2.0}
 
 
 def torch_to_onnx_proto(model: nn.Module, img_size: int, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
