@@ -305,7 +305,7 @@ def export_command(target, fmt, precision, stage, opset, dynamic_batch, qdq_targ
               help="With RUN_DIR: verify on this folder instead of the validation split. With --pack: the folder "
                    "holding the pack's images (class folders).")
 @click.option("--max-drop", type=float, default=None,
-              help="Margin: balanced-accuracy drop, points (default 3.0; with --pack, the pack's).")
+              help="Margin: balanced-accuracy drop, points (default 5.0; with --pack, the pack's).")
 @click.option("--max-escape-rise", type=float, default=None,
               help="Margin: escape-rate rise, points (default 2.0; with --pack, the pack's).")
 @click.option("--confidence", type=float, default=None,

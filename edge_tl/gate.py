@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from edge_tl.errors import AccuracyRegressionError, ConfigError, InconclusiveVerificationError
 
-DEFAULT_MAX_DROP = 3.0
+DEFAULT_MAX_DROP = 5.0
 DEFAULT_MAX_ESCAPE_RISE = 2.0
 DEFAULT_CONFIDENCE = 0.95
 TRAIN_SPLIT = "train"

@@ -333,9 +333,12 @@ def verify(
     label_free = None
     if unlabelled is not None:
         records, source = unlabelled_records(run_dir, unlabelled)
-        _, logits, reference = paired_logits(Path(run_dir), artifact, artifact_metadata(artifact), records, batch_size)
-        label_free = label_free_evidence(reference.argmax(1), logits.argmax(1), predictions.classes,
-                                         predictions.ok_class, source)
+        known = _pack_float_predictions(Path(run_dir), predictions.stage) if source == TRAIN_SPLIT else None
+        _, logits, reference = paired_logits(Path(run_dir), artifact, artifact_metadata(artifact), records, batch_size,
+                                             with_float=known is None)
+        float_pred = known if known is not None else reference.argmax(1)
+        label_free = label_free_evidence(float_pred, logits.argmax(1), predictions.classes, predictions.ok_class,
+                                         source)
     result = {
         "artifact": predictions.artifact, "artifact_sha256": sha256_file(artifact), "backend": predictions.backend,
         "stage": predictions.stage, "precision": predictions.precision, "data": predictions.data,
@@ -348,6 +351,29 @@ def verify(
                 artifact.name, result["stage"], result["num_samples"], result["top1_agreement"],
                 result["balanced_accuracy_delta"], result["verdict"])
     return result
+
+
+def _pack_float_predictions(run_dir: Path, stage: str) -> np.ndarray | None:
+    """The float model's training-split predictions from the stage's verification pack when it is current
+    (same run.json and weights, same split): the very computation, done once per stage at export."""
+    from edge_tl.pack_format import pack_path, pack_sources, read_pack
+
+    path = pack_path(run_dir, stage)
+    if not path.is_file():
+        return None
+    try:
+        pack = read_pack(path)
+    except ArtifactError:
+        return None
+    run_info = read_json(run_dir / "run.json")
+    train_files = run_info["split"]["train_files"]
+    if pack.sources != pack_sources(run_dir, stage) or list(pack.unlabelled_files) != list(train_files):
+        return None
+    root = Path(run_info["data_dir"])  # the images themselves unchanged too
+    if any(not (root / rel).is_file() or sha256_file(root / rel) != digest
+           for rel, digest in zip(train_files, pack.unlabelled_sha256)):
+        return None
+    return np.asarray(pack.unlabelled_float_pred)
 
 
 def unlabelled_records(run_dir: str | os.PathLike, source: str | os.PathLike) -> tuple[list, str]:

@@ -256,3 +256,33 @@ def test_an_artifact_of_another_run_is_refused_by_verify_and_bench(run_dir, tmp_
     with pytest.raises(ArtifactError, match="was exported from another run"):
         benchmark(copy, BenchConfig(backends=("onnxruntime",), batch_sizes=(1,), warmup=1, min_time_s=0.01))
     assert not (copy / "verify" / "model.float.fp32.onnx.json").exists()
+
+
+def test_training_split_evidence_is_the_same_from_the_pack_recomputed_and_on_the_device(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("verify"))
+    artifact = copy / "export" / "model.float.int8.onnx"
+    export_artifact(copy, ExportConfig(precision="int8", unlabelled="train", **GATE))
+    pack = read_pack(pack_path(copy, "float"))
+    run_info = read_json(copy / "run.json")
+    assert pack.unlabelled == "train" and list(pack.unlabelled_files) == run_info["split"]["train_files"]
+    from_pack = verify(copy, artifact, unlabelled="train", **GATE)  # the float side read from the pack
+    pack_path(copy, "float").unlink()
+    recomputed = verify(copy, artifact, unlabelled="train", **GATE)  # the float side run again
+    keys = COMPARED + ("unlabelled", "statistics")
+    assert {k: from_pack[k] for k in keys} == {k: recomputed[k] for k in keys}
+    assert from_pack["unlabelled"]["num_images"] == len(run_info["split"]["train_files"])
+    assert from_pack["unlabelled"]["source"] == "train" and "optimistic" in from_pack["unlabelled"]["note"]
+
+    export_artifact(copy, ExportConfig(precision="int8", unlabelled="train", **GATE))  # the pack again
+    images = tmp_path / "images"  # the device gets the validation and the training images
+    for rel in run_info["split"]["val_files"] + run_info["split"]["train_files"]:
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(run_info["data_dir"]) / rel, images / rel)
+    device = verify_with_pack(artifact, pack_path(copy, "float"), images, out=tmp_path / "record.json")
+    assert {k: device[k] for k in keys} == {k: from_pack[k] for k in keys}
+    without = verify_with_pack(artifact, pack_path(copy, "float"), images, unlabelled="none",
+                               out=tmp_path / "record.json")
+    assert "unlabelled" not in without and without["top1_agreement"] == device["top1_agreement"]
+    with pytest.raises(ConfigError, match="label-free evidence from a folder needs the float model"):
+        verify_with_pack(artifact, pack_path(copy, "float"), images, unlabelled=str(images))

@@ -99,7 +99,7 @@ def test_fp32_export_passes_with_full_agreement(run_dir):
     assert result["balanced_accuracy"] == result["float_balanced_accuracy"] >= 0.5
     assert result["artifact_sha256"] == sha256_file(artifact)
     assert read_json(run_dir / "verify" / "model.float.fp32.onnx.json") == json.loads(json.dumps(result))
-    # identical predictions, but 8 images cannot show a 3-point margin: INCONCLUSIVE, exit 3, with what would settle it
+    # identical predictions, but 8 images cannot show a 5-point margin: INCONCLUSIVE, exit 3, with what would settle it
     assert result["verdict"] == "INCONCLUSIVE" and result["passed"] is False
     assert result["to_settle"]["verdict_then"] == "PASS" and result["to_settle"]["factor"] > 10
     with pytest.raises(InconclusiveVerificationError, match="would settle it") as err:
