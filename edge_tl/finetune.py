@@ -3,8 +3,9 @@
 A frozen trunk is a fixed function, so its output is computed once per image view and cached:
 the plain view plus a few augmented views of every training image. Head epochs then cost a
 matrix multiply instead of a trunk pass. With ``unfreeze=K`` the cache holds the activations
-entering the last K trunk blocks, and only those blocks, the pool and the head run per epoch.
-Trunk BatchNorm statistics stay frozen in every mode (small factory datasets cannot re-estimate
+entering the last K trunk blocks, and only those blocks, the pool and the head run per epoch
+(:mod:`edge_tl.tail`: a linear probe, then L2-SP toward the pretrained weights, early stopping on an
+inner split of the training data). Trunk BatchNorm statistics stay frozen in every mode (small factory datasets cannot re-estimate
 them reliably).
 
 The top layer, beside :mod:`edge_tl.crossval` (neither imports the other): it uses the head's math
@@ -20,7 +21,6 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,15 +31,8 @@ from edge_tl.artifacts import atomic_write_json, save_weights, staged_run_dir
 from edge_tl.backbones import BackboneSpec, build_model
 from edge_tl.checkpoint import load_checkpoint, run_records  # noqa: F401  (documented here too)
 from edge_tl.device import CPU, describe_device, resolve_device
-from edge_tl.errors import ConfigError, DatasetError
-from edge_tl.features import (
-    batched,
-    cache_features,
-    image_views,
-    predict_logits,
-    resolve_runtime,
-    trunk_features,
-)
+from edge_tl.errors import DatasetError
+from edge_tl.features import cache_features, predict_logits, resolve_runtime, trunk_features
 from edge_tl.finetune_config import FinetuneConfig, validate_inputs
 from edge_tl.groups import split_records
 from edge_tl.head import Standardize, fold_standardization, lbfgs_epoch
@@ -49,6 +42,14 @@ from edge_tl.operating_point import apply_ok_shift, operating_point
 from edge_tl.out_of_fold import DEFAULT_FOLDS, fold_assignment, fold_units, out_of_fold_logits, part_keys
 from edge_tl.progress import progress_bar
 from edge_tl.run_lock import run_lock
+from edge_tl.tail import (  # noqa: F401  (frozen_prefix, TrainableTail: documented here too)
+    TrainableTail,
+    freeze_trunk,
+    frozen_prefix,
+    inner_split,
+    set_train_mode,
+    train_tail,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,136 +63,57 @@ class FinetuneResult:
     seconds_per_epoch: float = 0.0
 
 
-def freeze_trunk(model: nn.Module, unfreeze: int) -> list[nn.Parameter]:
-    """Freeze trunk weights except the last ``unfreeze`` blocks; return the trainable trunk params."""
-    blocks = model.trunk.blocks
-    if not 0 <= unfreeze <= len(blocks):
-        raise ConfigError(f"--unfreeze {unfreeze} is out of range; this backbone has {len(blocks)} trunk blocks")
-    for param in model.trunk.parameters():
-        param.requires_grad_(False)
-    trainable = []
-    for block in list(blocks)[len(blocks) - unfreeze:]:
-        for param in block.parameters():
-            param.requires_grad_(True)
-            trainable.append(param)
-    return trainable
-
-
-def set_train_mode(model: nn.Module) -> None:
-    """Head in training mode; the trunk stays in eval mode so BatchNorm statistics never move."""
-    model.train()
-    model.trunk.eval()
-
-
-class _TrainableTail(nn.Module):
-    """The part of the network that runs per epoch on cached inputs: last K blocks, pool, head."""
-
-    def __init__(self, model: nn.Module, unfreeze: int):
-        super().__init__()
-        blocks = list(model.trunk.blocks)
-        self.blocks = nn.Sequential(*blocks[len(blocks) - unfreeze:])
-        self.pool = model.trunk.pool
-        self.head = model.head
-        self.unfreeze = unfreeze
-
-    def forward(self, cached: torch.Tensor) -> torch.Tensor:
-        if self.unfreeze:
-            cached = self.pool(self.blocks(cached.float()))
-        return self.head(cached)
-
-
-def frozen_prefix(model: nn.Module, unfreeze: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The fixed function whose outputs are cached: the trunk up to its last ``unfreeze`` blocks."""
-    blocks = list(model.trunk.blocks)
-    if unfreeze == 0:
-        return model.trunk
-    return nn.Sequential(*blocks[: len(blocks) - unfreeze])
-
-
 def _balanced_accuracy_of(logits: np.ndarray, labels: np.ndarray, classes) -> float:
     return classification_metrics(labels, logits.argmax(1), classes)["balanced_accuracy"]
 
 
-def _pooled(tail: _TrainableTail, cached: torch.Tensor) -> torch.Tensor:
-    if not tail.unfreeze:
-        return cached
-    return torch.cat([tail.pool(tail.blocks(chunk.float())) for chunk in torch.split(cached, 128)])
-
-
 def train_head(model: nn.Module, train_records, val_records, classes, spec: BackboneSpec, img_size: int,
                cfg: FinetuneConfig, device: torch.device = CPU) -> tuple[list[dict], float, torch.Tensor | None, int]:
-    """Train the head (and the last ``cfg.unfreeze`` blocks); restore the best epoch in place.
-    Frozen-trunk passes run on ``device`` (``cfg.device`` resolved by the caller); training on the CPU.
+    """Train the head (and with ``cfg.unfreeze`` the last K blocks: :func:`train_unfrozen_tail`); restore
+    the best epoch in place. Frozen-trunk passes run on ``device`` (``cfg.device`` resolved by the caller).
 
-    Cached with a frozen trunk, the head is a class-weighted, L2-regularised logistic regression
-    on standardised features, fitted by full-batch L-BFGS over every cached view (an epoch is a
-    fixed number of L-BFGS iterations). Uncached, or with unfrozen blocks, training is minibatch
-    AdamW; with unfrozen blocks the head starts from that L-BFGS fit (linear probe, then fine-tune).
-    Early stopping: after ``cfg.patience`` epochs without a better (validation balanced accuracy, then
-    lower validation loss) epoch, training stops and the best epoch's weights are restored.
+    Frozen trunk: the head is a class-weighted, L2-regularised logistic regression on standardised
+    features, fitted by full-batch L-BFGS over every cached view (an epoch is a fixed number of L-BFGS
+    iterations; without the cache the trunk runs again every epoch). Early stopping: after
+    ``cfg.patience`` epochs without a better (validation balanced accuracy, then lower validation loss)
+    epoch, training stops and the best epoch's weights are restored.
     Returns the per-epoch history, the mean seconds per training epoch (excluding caching), for a
     cached frozen trunk the cached training features (views, N, D) the head was fitted on (else None),
-    and the restored (best) epoch, counted from 1.
+    and the restored (best) epoch.
     """
+    if cfg.unfreeze:
+        return train_unfrozen_tail(model, train_records, classes, spec, img_size, cfg, device)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    trunk_params = freeze_trunk(model, cfg.unfreeze)
+    freeze_trunk(model, 0)
     train_labels = np.array([r.label for r in train_records])
     val_labels = np.array([r.label for r in val_records])
     targets = torch.from_numpy(train_labels)
     class_weight = torch.as_tensor(data_mod.class_weights(train_labels, len(classes)), dtype=torch.float32)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=cfg.label_smoothing)
-    tail = _TrainableTail(model, cfg.unfreeze)
     views = cfg.augmented_views + 1
-
-    full_batch = cfg.unfreeze == 0
-    prefix = frozen_prefix(model, cfg.unfreeze)
 
     def train_features(epoch: int) -> torch.Tensor:
         """Pooled features of every view of every training image: (views, N, D)."""
-        computed = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed + epoch,
-                                  device=device, crop=cfg.crop, runtime=cfg.trunk_runtime)
-        with torch.no_grad():
-            return computed if not cfg.unfreeze else torch.stack([_pooled(tail, view) for view in computed])
+        return cache_features(model.trunk, train_records, img_size, spec, cfg.augmented_views, cfg.seed + epoch,
+                              device=device, crop=cfg.crop, runtime=cfg.trunk_runtime)
 
     if cfg.cache_features:
-        train_cache = cache_features(prefix, train_records, img_size, spec, cfg.augmented_views, cfg.seed,
-                                     device=device, crop=cfg.crop, runtime=cfg.trunk_runtime)
-        val_cache = cache_features(prefix, val_records, img_size, spec, 0, cfg.seed,
+        pooled = train_features(0)
+        val_cache = cache_features(model.trunk, val_records, img_size, spec, 0, cfg.seed,
                                    description="caching validation features", device=device, crop=cfg.crop,
                                    runtime=cfg.trunk_runtime)[0]
-        with torch.no_grad():
-            pooled = torch.stack([_pooled(tail, view) for view in train_cache])
-    else:
-        pooled = None
-    standardize = Standardize(pooled[0] if pooled is not None
-                               else trunk_features(model, train_records, img_size, spec.mean, spec.std, device=device,
-                                                   crop=cfg.crop))
+    standardize = Standardize(pooled[0] if cfg.cache_features
+                              else trunk_features(model, train_records, img_size, spec.mean, spec.std, device=device,
+                                                  crop=cfg.crop))
     head_net = nn.Sequential(standardize, model.head)
     probe_targets = targets.repeat(views)
     lbfgs = torch.optim.LBFGS(model.head.parameters(), lr=1.0, max_iter=cfg.lbfgs_iterations,
                               history_size=20, line_search_fn="strong_wolfe")
 
-    def probe_inputs(features: torch.Tensor) -> torch.Tensor:
-        return standardize(features.reshape(-1, features.shape[-1]))
-
-    if cfg.unfreeze and cfg.cache_features:  # linear probe first, then fine-tune the unfrozen blocks
-        for _ in range(cfg.epochs):
-            lbfgs_epoch(model.head, probe_inputs(pooled), probe_targets, class_weight, cfg.head_l2,
-                        cfg.label_smoothing, lbfgs)
-    if not full_batch:
-        groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
-        if trunk_params:
-            groups.append({"params": trunk_params, "lr": cfg.lr * cfg.unfreeze_lr_ratio})
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-
     def val_logits() -> np.ndarray:
         model.eval()
         with torch.inference_mode():
-            if cfg.cache_features:
-                return torch.cat([head_net(_pooled(tail, chunk)) for chunk in torch.split(val_cache, 256)]).numpy()
-            features = trunk_features(model, val_records, img_size, spec.mean, spec.std, device=device, crop=cfg.crop)
+            features = val_cache if cfg.cache_features else trunk_features(
+                model, val_records, img_size, spec.mean, spec.std, device=device, crop=cfg.crop)
             return head_net(features).numpy()
 
     history, best_state, best_key, best_epoch, stale, epoch_seconds = [], None, None, 0, 0, []
@@ -199,32 +121,16 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
         for epoch in range(cfg.epochs):
             start = time.perf_counter()
             set_train_mode(model)
-            if full_batch:
-                if not cfg.cache_features:  # without the cache, the trunk runs again every epoch
-                    pooled = train_features(epoch)
-                losses = [lbfgs_epoch(model.head, probe_inputs(pooled), probe_targets, class_weight, cfg.head_l2,
-                                      cfg.label_smoothing, lbfgs)]
-            else:
-                losses = []
-                for idx in batched(rng.permutation(len(train_records)), cfg.batch_size):
-                    if cfg.cache_features:
-                        view = torch.from_numpy(rng.integers(0, views, size=len(idx)))
-                        features = _pooled(tail, train_cache[view, torch.from_numpy(idx)])
-                    else:
-                        batch = np.stack([image_views(train_records[i], img_size, spec, 1, rng, cfg.crop)[1] for i in idx])
-                        features = model.trunk(torch.from_numpy(batch))
-                    loss = loss_fn(head_net(features), targets[idx])
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(loss.item())
-                scheduler.step()
+            if not cfg.cache_features:  # without the cache, the trunk runs again every epoch
+                pooled = train_features(epoch)
+            loss = lbfgs_epoch(model.head, standardize(pooled.reshape(-1, pooled.shape[-1])), probe_targets,
+                               class_weight, cfg.head_l2, cfg.label_smoothing, lbfgs)
             epoch_seconds.append(time.perf_counter() - start)
 
             logits = val_logits()
             val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val_labels)))
             bal = _balanced_accuracy_of(logits, val_labels, classes)
-            history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+            history.append({"epoch": epoch + 1, "train_loss": loss, "val_loss": val_loss,
                             "val_balanced_accuracy": bal})
             key = (bal, -val_loss)
             if best_key is None or key > best_key:
@@ -240,8 +146,24 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
     model.load_state_dict(best_state)
     fold_standardization(model.head, standardize)
     model.eval()
-    return (history, float(np.mean(epoch_seconds)), (pooled if full_batch and cfg.cache_features else None),
-            best_epoch)
+    return history, float(np.mean(epoch_seconds)), (pooled if cfg.cache_features else None), best_epoch
+
+
+def train_unfrozen_tail(model: nn.Module, train_records, classes, spec: BackboneSpec, img_size: int,
+                        cfg: FinetuneConfig, device: torch.device = CPU) -> tuple[list[dict], float, None, int]:
+    """The last ``cfg.unfreeze`` blocks and the head by :func:`edge_tl.tail.train_tail` (linear probe, then
+    L2-SP), on the frozen prefix's cached views of ``train_records``, in place. Early stopping watches an
+    inner split of ``train_records`` (``cfg.val_fraction`` of it, whole parts under ``cfg.group_pattern``),
+    never the validation split the run reports on. Returns like :func:`train_head` (history from epoch 0,
+    the linear probe)."""
+    freeze_trunk(model, cfg.unfreeze)
+    labels = np.array([r.label for r in train_records])
+    fit, stop = inner_split(labels, part_keys(train_records, cfg.group_pattern), cfg.val_fraction, cfg.seed)
+    cache = cache_features(frozen_prefix(model, cfg.unfreeze), train_records, img_size, spec, cfg.augmented_views,
+                           cfg.seed, device=device, crop=cfg.crop, runtime=cfg.trunk_runtime)
+    fitted = train_tail(TrainableTail(model, cfg.unfreeze), cache, labels, fit, stop, classes, cfg, device)
+    model.eval()
+    return fitted.history, fitted.seconds_per_epoch, None, fitted.best_epoch
 
 
 def fit_operating_point(model: nn.Module, records, views: torch.Tensor | None, classes, spec, img_size: int, cfg,
@@ -293,7 +215,7 @@ def _finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, force: bool, spec:
     logits = predict_logits(model, val, img_size, spec.mean, spec.std, description="evaluating", device=device,
                             crop=cfg.crop)
     metrics = {**classification_metrics([r.label for r in val], logits.argmax(1), scan.classes, cfg.ok_class),
-               "best_epoch": best_epoch, "epochs_run": len(history)}
+               "best_epoch": best_epoch, "epochs_run": history[-1]["epoch"]}
     run_info = {
         "format": "edge-tl-run",
         "version": 1,

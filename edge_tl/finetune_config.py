@@ -34,6 +34,7 @@ class FinetuneConfig:
     batch_size: int = 64
     lr: float = 1e-3
     unfreeze_lr_ratio: float = 0.1
+    l2sp: float = 10.0  # --unfreeze: penalty strength * ||theta - theta_pretrained||^2 on the unfrozen blocks
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     head_l2: float = DEFAULT_HEAD_L2
@@ -64,6 +65,12 @@ def validate_inputs(data_dir: Path, out: Path | None, cfg: FinetuneConfig, force
         raise ConfigError(f"validation fraction {cfg.val_fraction} must lie strictly between 0 and 1")
     if cfg.augmented_views < 0:
         raise ConfigError(f"augmented views {cfg.augmented_views} must be 0 or more")
+    if cfg.unfreeze < 0:
+        raise ConfigError(f"--unfreeze {cfg.unfreeze} must be 0 (frozen trunk) or more trunk blocks to train")
+    if cfg.unfreeze and not cfg.cache_features:
+        raise ConfigError(f"--unfreeze {cfg.unfreeze} trains on cached activations of the frozen prefix; drop --no-cache")
+    if cfg.l2sp < 0:
+        raise ConfigError(f"--l2sp {cfg.l2sp} must be 0 or more (0: no pull toward the pretrained weights)")
     resolve_runtime(cfg.trunk_runtime, resolve_device(cfg.device))
     data_mod.check_crop(cfg.crop)
     if cfg.group_pattern is not None:

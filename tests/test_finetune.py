@@ -76,15 +76,20 @@ def test_checkpoint_reloads_to_the_same_metrics(finetuned_run, textures, tmp_pat
 
 
 def test_unfreeze_trains_only_the_last_blocks(surface_dataset, tmp_path):
-    cfg = FinetuneConfig(img_size=IMG, epochs=2, augmented_views=1, unfreeze=2, seed=0)
+    cfg = FinetuneConfig(img_size=IMG, epochs=4, augmented_views=1, unfreeze=2, seed=0, batch_size=8, l2sp=0.0)
     result = finetune(surface_dataset, tmp_path / "run", cfg)
     model, _ = load_checkpoint(result.run_dir)
+    # early stopping watched an inner split of the training split, never the reported validation split
+    assert [row["epoch"] for row in result.history] == list(range(cfg.epochs + 1))  # epoch 0: the linear probe
+    assert "stop_balanced_accuracy" in result.history[0] and "val_balanced_accuracy" not in result.history[0]
+    assert result.history[-1]["l2sp_distance"] > 0.0  # the tail trained (kept only if the inner split says so)
+    tuned_tail = result.metrics["best_epoch"] > 0
     fresh = build_model("efficientnet_lite0", num_classes=4, img_size=IMG, pretrained=True)
     blocks = len(model.trunk.blocks)
     for index in range(blocks):
         tuned = model.trunk.blocks[index].state_dict()
         same = all(torch.equal(t, tuned[n]) for n, t in fresh.trunk.blocks[index].state_dict().items())
-        assert same == (index < blocks - 2), index
+        assert same == (index < blocks - 2 or not tuned_tail), index
     # the unfrozen blocks' weights trained, their BatchNorm statistics did not move
     statistics = [(name, buffer) for name, buffer in fresh.trunk.blocks.named_buffers()
                   if name.split(".")[0] in {str(blocks - 2), str(blocks - 1)}]
