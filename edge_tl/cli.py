@@ -15,6 +15,8 @@ from edge_tl.artifacts import read_json
 from edge_tl.cli_tables import (
     PREDICTIONS_SHOWN,
     cross_validation_tables,
+    grid_summary,
+    grid_table,
     metrics_table,
     predictions_table,
     verification_table,
@@ -61,9 +63,15 @@ def frozen_trunk_options(command):
         click.option("--weights", type=click.Path(path_type=Path), default=None, help="Pretrained weights file."),
         click.option("--strict", is_flag=True, help="Unreadable images are an error instead of a warning."),
         click.option("--device", default="auto", show_default=True,
-                     help="auto, cpu or cuda: where the frozen-trunk passes run (auto: a CUDA GPU if PyTorch sees "
-                          "one); training stays on the CPU."),
+                     help="auto, cpu or cuda: where the frozen-trunk passes and the trainable tail (--unfreeze) run "
+                          "(auto: a CUDA GPU if PyTorch sees one); the frozen-trunk head is fitted on the CPU."),
         TRUNK_RUNTIME_OPTION,
+        click.option("--epochs", type=int, default=None, help="Maximum head epochs (early stopping may end sooner)."),
+        click.option("--unfreeze", type=int, default=None,
+                     help="Also train the last K trunk blocks (default 0): a linear probe, then L2-SP fine-tuning "
+                          "on cached activations, early stopping on an inner split of the training images."),
+        click.option("--l2sp", type=float, default=None,
+                     help="With --unfreeze: strength of the pull toward the pretrained weights (default 10; 0: none)."),
     )
     for option in reversed(shared):
         command = option(command)
@@ -80,8 +88,6 @@ def _finetune_config(**kwargs):
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory to create.")
 @frozen_trunk_options
-@click.option("--epochs", type=int, default=None, help="Maximum head epochs (early stopping may end sooner).")
-@click.option("--unfreeze", type=int, default=0, show_default=True, help="Also train the last K trunk blocks.")
 @click.option("--max-escape", type=float, default=None,
               help="Escape budget, e.g. 0.01: lower the ok class's logit until at most this share of the training "
                    "split's defects (out of fold) is passed as good. Needs --ok-class.")
@@ -89,12 +95,12 @@ def _finetune_config(**kwargs):
 @click.option("--no-cache", is_flag=True, help="Run the trunk every epoch instead of caching its features.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
 def finetune(data_dir, out, backbone, img_size, ok_class, augmented_views, crop, group_pattern, seed, weights, strict,
-             device, trunk_runtime, epochs, unfreeze, max_escape, no_pretrained, no_cache, force):
+             device, trunk_runtime, epochs, unfreeze, l2sp, max_escape, no_pretrained, no_cache, force):
     """Fine-tune a pretrained backbone with its trunk frozen on an ImageFolder DATA_DIR."""
     require_training_side("finetune")
     from edge_tl.finetune import finetune as run_finetune
 
-    cfg = _finetune_config(backbone=backbone, img_size=img_size, epochs=epochs, unfreeze=unfreeze,
+    cfg = _finetune_config(backbone=backbone, img_size=img_size, epochs=epochs, unfreeze=unfreeze, l2sp=l2sp,
                            ok_class=ok_class, max_escape=max_escape, augmented_views=augmented_views, crop=crop,
                            group_pattern=group_pattern, seed=seed,
                            weights=str(weights) if weights else None, pretrained=not no_pretrained,
@@ -124,17 +130,27 @@ def evaluate(run_dir, data_dir, out, device):
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--folds", type=int, default=5, show_default=True, help="Number of stratified folds.")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
+@click.option("--grid", "grid", type=click.Path(path_type=Path), default=None,
+              help="YAML list of recipe overrides (e.g. [{unfreeze: 0}, {unfreeze: 1, l2sp: 10}]): score each on the "
+                   "same folds, print one table and name the best.")
 @frozen_trunk_options
-def cross_validate(data_dir, folds, out, backbone, img_size, ok_class, augmented_views, crop, group_pattern, seed,
-                   weights, strict, device, trunk_runtime):
-    """Cross-validate finetune's frozen-trunk head on DATA_DIR: every image scored once, out of fold."""
+def cross_validate(data_dir, folds, out, grid, backbone, img_size, ok_class, augmented_views, crop, group_pattern, seed,
+                   weights, strict, device, trunk_runtime, epochs, unfreeze, l2sp):
+    """Cross-validate finetune's recipe on DATA_DIR: every image scored once, out of fold."""
     require_training_side("cv")
-    from edge_tl.crossval import cross_validate as run_cross_validation
-
     cfg = _finetune_config(backbone=backbone, img_size=img_size, ok_class=ok_class, seed=seed,
                            augmented_views=augmented_views, crop=crop, group_pattern=group_pattern,
-                           weights=str(weights) if weights else None,
+                           weights=str(weights) if weights else None, epochs=epochs, unfreeze=unfreeze, l2sp=l2sp,
                            strict=strict, device=device, trunk_runtime=trunk_runtime)
+    if grid is not None:
+        from edge_tl.cv_grid import cross_validate_grid, load_grid
+
+        result = cross_validate_grid(data_dir, load_grid(grid, cfg), folds, out)
+        console.print(grid_table(result, f"{folds}-fold cross-validation of {len(result['rows'])} recipes ({data_dir})"))
+        console.print(grid_summary(result) + (f"; wrote {out}" if out else ""))
+        return
+    from edge_tl.crossval import cross_validate as run_cross_validation
+
     result = run_cross_validation(data_dir, cfg, folds, out)
     for table in cross_validation_tables(result, f"{folds}-fold cross-validation, out-of-fold predictions ({data_dir})"):
         console.print(table)

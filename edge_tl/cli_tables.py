@@ -1,4 +1,4 @@
-"""Rich tables the `edge-tl` command line prints: metrics, verification, cross-validation, predictions."""
+"""Rich tables the `edge-tl` command line prints: metrics, verification, cross-validation (and its grid), predictions."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -64,6 +64,39 @@ def cross_validation_tables(result: dict, title: str) -> list[Table]:
                            f"{point['false_reject_rate']:.4f}", f"{point['balanced_accuracy']:.4f}")
         tables.append(points)
     return tables
+
+
+def grid_table(grid: dict, title: str) -> Table:
+    """One row per cross-validated recipe: balanced accuracy, escapes, false rejects, escape-budget costs, time."""
+    rows = grid["rows"]
+    budgets = list(rows[0].get("false_reject_rate_at_escape", {}))
+    table = Table(title=title)
+    columns = ["recipe", "unfreeze", "l2sp", "size", "balanced acc.", "folds mean +- std"]
+    if "escapes" in rows[0]:
+        columns += ["escapes", "false rejects", *[f"FRR @ escape <= {budget}" for budget in budgets]]
+    for column in [*columns, "wall s"]:
+        table.add_column(column, justify="left" if column == "recipe" else "right")
+    for row in rows:
+        marker = " (best)" if row["name"] == grid["best"] else ""
+        cells = [row["name"] + marker, str(row["unfreeze"]), f"{row['l2sp']:g}" if row["unfreeze"] else "-",
+                 str(row["img_size"]), f"{row['balanced_accuracy']:.4f}",
+                 f"{row['balanced_accuracy_fold_mean']:.4f} +- {row['balanced_accuracy_fold_std']:.4f}"]
+        if "escapes" in row:
+            cells += [f"{row['escapes']} / {row['defects']}", f"{row['false_rejects']} / {row['goods']}",
+                      *[f"{row['false_reject_rate_at_escape'][budget]:.4f}" for budget in budgets]]
+        table.add_row(*cells, f"{row['seconds_total']:.0f}")
+    return table
+
+
+def grid_summary(grid: dict) -> str:
+    """The best recipe, and whether its gain over the first is larger than the first's fold-to-fold spread."""
+    gain, spread = grid["gain_over_first"], grid["first_fold_std"]
+    first = grid["rows"][0]["name"]
+    verdict = ("larger than" if gain > spread else "within") + f" {first}'s fold-to-fold spread ({spread:.4f})"
+    if grid["best"] == first:
+        return f"best: {first} (the first recipe); the grid took {grid['seconds_total']:.0f} s"
+    return (f"best: {grid['best']}, {gain:+.4f} balanced accuracy over {first}, {verdict}; "
+            f"the grid took {grid['seconds_total']:.0f} s")
 
 
 def predictions_table(result, title: str) -> Table:

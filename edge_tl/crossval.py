@@ -3,7 +3,10 @@
 On a few hundred images with a handful of defects per class, one 80/20 split scores a rare class
 on 5 or 6 validation images, each worth several points of balanced accuracy. Cross-validation
 scores every image once, out of fold, with the trunk features and the head that ``finetune``
-uses: the frozen trunk runs once per image view, and each fold only refits the head.
+uses: the frozen trunk runs once per image view, and each fold only refits the head. With
+``unfreeze=K`` the cache holds the frozen prefix's activations and each fold trains its own tail
+(:mod:`edge_tl.tail`), stopping early on an inner split of its own training images, never on the
+fold it is scored on; :func:`cross_validate_recipes` scores several recipes on the same folds.
 
 The same out-of-fold logits choose an operating point: the shift subtracted from the ok class's
 logit so that at most a given share of defective parts would be passed as good
@@ -15,12 +18,15 @@ logits come from :mod:`edge_tl.out_of_fold`, the settings from :mod:`edge_tl.fin
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from edge_tl import data as data_mod
 from edge_tl.artifacts import atomic_write_json
@@ -47,6 +53,8 @@ from edge_tl.out_of_fold import (  # noqa: F401  (stratified_folds: old import p
     stratified_folds,
 )
 
+from edge_tl.tail import TrainableTail, freeze_trunk, frozen_prefix, inner_split, tail_logits, train_tail
+
 log = logging.getLogger(__name__)
 
 FOLD_METRICS = ("accuracy", "balanced_accuracy", "escape_rate", "false_reject_rate")
@@ -66,29 +74,128 @@ def _fold_summary(logits: np.ndarray, labels: np.ndarray, fold_of: np.ndarray, c
 
 
 def cross_validate(data_dir: str | Path, cfg=None, folds: int = DEFAULT_FOLDS, out: str | Path | None = None) -> dict:
-    """K-fold cross-validation of ``finetune``'s frozen-trunk head on ``data_dir``; writes ``out`` (JSON) if given.
+    """K-fold cross-validation of ``finetune``'s recipe on ``data_dir``; writes ``out`` (JSON) if given.
 
     Returns the pooled out-of-fold metrics (``pooled``: the metrics.json keys over every image), the
-    per-fold metrics with their mean and standard deviation, and the misclassified files.
+    per-fold metrics with their mean and standard deviation, and the misclassified files. With
+    ``cfg.unfreeze`` each fold trains its own tail (:func:`edge_tl.tail.train_tail`, early stopping
+    on an inner split of that fold's training images) on one shared cache of the frozen prefix.
     """
-    started = time.perf_counter()
-    cfg = cfg or FinetuneConfig()
-    if cfg.unfreeze:
-        raise ConfigError(f"--unfreeze {cfg.unfreeze}: cross-validation refits the frozen-trunk head only; drop --unfreeze")
+    result = cross_validate_recipes(data_dir, [cfg or FinetuneConfig()], folds)[0]
+    if out is not None:
+        atomic_write_json(Path(out), result)
+    return result
+
+
+FOLD_SETTINGS = ("seed", "group_pattern", "ok_class", "strict")  # what every recipe of one comparison shares
+CACHE_SETTINGS = ("backbone", "img_size", "crop", "augmented_views", "seed", "weights", "pretrained", "device",
+                  "trunk_runtime")  # recipes agreeing on these share one cache of the frozen prefix
+
+
+def cross_validate_recipes(data_dir: str | Path, recipes: list, folds: int = DEFAULT_FOLDS) -> list[dict]:
+    """:func:`cross_validate` of every recipe (a FinetuneConfig) on the same folds of ``data_dir``.
+
+    Each group of recipes with the same input settings (``CACHE_SETTINGS``) shares one cache: the
+    frozen prefix before the largest ``unfreeze`` among them, run once per image view; a recipe that
+    unfreezes fewer blocks runs the remaining frozen blocks on that cache. Every result records its
+    own ``seconds_total``: its share of the cache passes plus its own fitting.
+    """
     data_dir = Path(data_dir)
-    spec, scan = validate_inputs(data_dir, None, cfg, force=False)
-    img_size = cfg.resolved_img_size(spec)
+    if not recipes:
+        raise ConfigError("no recipe to cross-validate; give at least one")
+    for cfg in recipes[1:]:
+        differing = [key for key in FOLD_SETTINGS if getattr(cfg, key) != getattr(recipes[0], key)]
+        if differing:
+            raise ConfigError(f"recipes compared on the same folds must share {', '.join(FOLD_SETTINGS)}; one sets "
+                              f"{differing[0]}={getattr(cfg, differing[0])!r}: set it on the command line instead")
+    checked = [validate_inputs(data_dir, None, cfg, force=False) for cfg in recipes]
+    scan = checked[0][1]
     records = sorted(scan.records, key=lambda record: str(record.path))
     labels = np.array([record.label for record in records])
-    keys = part_keys(records, cfg.group_pattern)
+    keys = part_keys(records, recipes[0].group_pattern)
     check_folds(fold_units(labels, keys, scan.classes), folds, "images" if keys is None else "groups under --group-pattern")
-    model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,
+    fold_of = fold_assignment(labels, keys, folds, recipes[0].seed)
+    caches: dict[tuple, dict] = {}
+    for cfg, (spec, _) in zip(recipes, checked):
+        key = tuple(getattr(cfg, name) for name in CACHE_SETTINGS)
+        entry = caches.setdefault(key, {"spec": spec, "unfreeze": 0, "users": 0})
+        entry["unfreeze"] = max(entry["unfreeze"], cfg.unfreeze)
+        entry["users"] += 1
+    results = []
+    for cfg, (spec, _) in zip(recipes, checked):
+        started = time.perf_counter()
+        entry = caches[tuple(getattr(cfg, name) for name in CACHE_SETTINGS)]
+        if "cache" not in entry:
+            _fill_cache(entry, cfg, records, len(scan.classes))
+        share = entry["seconds"] / entry["users"]
+        logits, tail_info = _out_of_fold(entry, cfg, labels, fold_of, keys, scan.classes)
+        result = _result(data_dir, scan, records, labels, fold_of, logits, cfg, spec, folds)
+        if tail_info is not None:
+            result["tail"] = tail_info
+        result["seconds_total"] = time.perf_counter() - started + share
+        results.append(result)
+    return results
+
+
+def _fill_cache(entry: dict, cfg, records, num_classes: int) -> None:
+    """The pretrained model and its frozen prefix's cached views for ``entry``'s largest ``unfreeze``."""
+    started = time.perf_counter()
+    spec = entry["spec"]
+    img_size = cfg.resolved_img_size(spec)
+    model = build_model(spec, num_classes=num_classes, img_size=img_size, pretrained=cfg.pretrained,
                         weights=cfg.weights).eval()
-    views = cache_features(model.trunk, records, img_size, spec, cfg.augmented_views, cfg.seed,
-                           device=resolve_device(cfg.device), crop=cfg.crop, runtime=cfg.trunk_runtime)
-    fold_of = fold_assignment(labels, keys, folds, cfg.seed)
-    logits = out_of_fold_logits(views, labels, len(scan.classes), fold_of, cfg.head_l2,
-                                cfg.epochs * cfg.lbfgs_iterations, cfg.seed)
+    freeze_trunk(model, entry["unfreeze"])
+    entry["model"] = model
+    entry["cache"] = cache_features(frozen_prefix(model, entry["unfreeze"]), records, img_size, spec,
+                                    cfg.augmented_views, cfg.seed, device=resolve_device(cfg.device), crop=cfg.crop,
+                                    runtime=cfg.trunk_runtime)
+    entry["seconds"] = time.perf_counter() - started
+
+
+@torch.no_grad()
+def _cache_for(entry: dict, unfreeze: int, device) -> torch.Tensor:
+    """The cached inputs of a tail of ``unfreeze`` blocks: the shared cache, run through the frozen blocks
+    between (and pooled when ``unfreeze`` is 0)."""
+    cached = entry["cache"]
+    if unfreeze == entry["unfreeze"]:
+        return cached
+    model = entry["model"]
+    blocks = list(model.trunk.blocks)
+    between = nn.Sequential(*blocks[len(blocks) - entry["unfreeze"]:len(blocks) - unfreeze]).to(device).eval()
+    finish = (lambda x: model.trunk.pool.to(device)(between(x))) if unfreeze == 0 else between
+    out = torch.stack([torch.cat([finish(chunk.float().to(device)).cpu() for chunk in torch.split(view, 128)])
+                       for view in cached])
+    model.cpu()
+    return out if unfreeze == 0 else out.half()
+
+
+def _out_of_fold(entry: dict, cfg, labels: np.ndarray, fold_of: np.ndarray, keys, classes):
+    """Out-of-fold logits of ``cfg``'s recipe, and for a trained tail what each fold's training did."""
+    device = resolve_device(cfg.device)
+    cached = _cache_for(entry, cfg.unfreeze, device)
+    if not cfg.unfreeze:
+        return out_of_fold_logits(cached, labels, len(classes), fold_of, cfg.head_l2,
+                                  cfg.epochs * cfg.lbfgs_iterations, cfg.seed), None
+    logits = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    best_epochs, seconds = [], []
+    for fold in np.unique(fold_of):
+        train, held = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+        fit, stop = inner_split(labels[train], None if keys is None else [keys[i] for i in train], cfg.val_fraction,
+                                cfg.seed)
+        model = copy.deepcopy(entry["model"])
+        freeze_trunk(model, cfg.unfreeze)
+        tail = TrainableTail(model, cfg.unfreeze)
+        fitted = train_tail(tail, cached, labels, train[fit], train[stop], classes, cfg, device)
+        logits[held] = tail_logits(tail, cached[0, torch.from_numpy(held)]).numpy()
+        best_epochs.append(fitted.best_epoch)
+        seconds.append(fitted.seconds_per_epoch)
+        log.info("fold %d: tail best at epoch %d of %d", fold, fitted.best_epoch, fitted.history[-1]["epoch"])
+    return logits, {"unfreeze": cfg.unfreeze, "l2sp": cfg.l2sp, "best_epochs": best_epochs,
+                    "seconds_per_epoch": float(np.mean(seconds)), "device": str(device),
+                    "early_stopping": f"inner split ({cfg.val_fraction:g}) of each fold's training images"}
+
+
+def _result(data_dir: Path, scan, records, labels, fold_of, logits, cfg, spec, folds: int) -> dict:
     predicted = logits.argmax(1)
     per_fold, mean, std = _fold_summary(logits, labels, fold_of, scan.classes, cfg.ok_class)
     result = {
@@ -96,7 +203,7 @@ def cross_validate(data_dir: str | Path, cfg=None, folds: int = DEFAULT_FOLDS, o
         "version": 1,
         "data_dir": str(data_dir.resolve()),
         "backbone": spec.name,
-        "img_size": img_size,
+        "img_size": cfg.resolved_img_size(spec),
         "crop": cfg.crop,
         "classes": list(scan.classes),
         "ok_class": cfg.ok_class,
@@ -110,11 +217,8 @@ def cross_validate(data_dir: str | Path, cfg=None, folds: int = DEFAULT_FOLDS, o
         "errors": [{"file": str(records[i].path.relative_to(scan.root)), "true": scan.classes[labels[i]],
                     "predicted": scan.classes[predicted[i]], "fold": int(fold_of[i])}
                    for i in np.flatnonzero(predicted != labels)],
-        "seconds_total": time.perf_counter() - started,
     }
     if cfg.ok_class is not None:  # what an escape budget (finetune --max-escape) would cost on this data
         result["operating_points"] = [operating_point(logits, labels, scan.classes, cfg.ok_class, rate)
                                       for rate in ESCAPE_BUDGETS]
-    if out is not None:
-        atomic_write_json(Path(out), result)
     return result

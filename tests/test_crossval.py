@@ -100,8 +100,73 @@ def test_cross_validate_scores_every_image_once(textures, tmp_path):
 def test_cross_validate_rejects_bad_settings_before_any_trunk_pass(textures):
     with pytest.raises(ConfigError, match="fewer than --folds 30"):
         cross_validate(textures, CFG, folds=30)
-    with pytest.raises(ConfigError, match="frozen-trunk head only"):
-        cross_validate(textures, FinetuneConfig(img_size=IMG, unfreeze=1), folds=3)
+    with pytest.raises(ConfigError, match="drop --no-cache"):
+        cross_validate(textures, FinetuneConfig(img_size=IMG, unfreeze=1, cache_features=False), folds=3)
+    with pytest.raises(ConfigError, match="--l2sp -1"):
+        cross_validate(textures, FinetuneConfig(img_size=IMG, unfreeze=1, l2sp=-1.0), folds=3)
+
+
+TAIL = FinetuneConfig(img_size=IMG, epochs=3, augmented_views=1, ok_class="ok", seed=0, unfreeze=1, batch_size=16)
+
+
+def test_cross_validate_trains_a_tail_per_fold_stopping_on_its_own_training_images(textures, monkeypatch):
+    import edge_tl.crossval as crossval_mod
+
+    seen = []
+    original = crossval_mod.train_tail
+
+    def recording(tail, cache, labels, fit, stop, classes, cfg, device):
+        seen.append((np.array(fit), np.array(stop)))
+        return original(tail, cache, labels, fit, stop, classes, cfg, device)
+
+    monkeypatch.setattr(crossval_mod, "train_tail", recording)
+    result = cross_validate(textures, TAIL, folds=3)
+    assert result["pooled"]["num_samples"] == 96 and len(result["per_fold"]) == 3
+    assert result["pooled"]["balanced_accuracy"] >= 0.5
+    assert len(result["tail"]["best_epochs"]) == 3 and result["tail"]["unfreeze"] == 1
+    assert all(0 <= epoch <= TAIL.epochs for epoch in result["tail"]["best_epochs"])
+    assert len(seen) == 3
+    scored = set()
+    for fold, (fit, stop) in enumerate(seen):  # fit and stop: disjoint, together the other folds' images
+        assert not set(fit) & set(stop)
+        assert len(fit) + len(stop) == 96 - result["per_fold"][fold]["num_samples"]
+        scored |= set(range(96)) - set(fit) - set(stop)
+    assert scored == set(range(96))  # each image was outside fit and stop exactly when its fold was scored
+
+
+def test_cv_grid_scores_recipes_on_the_same_folds_and_names_the_best(textures, tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("- {name: frozen}\n- {name: last-1, unfreeze: 1}\n- {name: last-2 held, unfreeze: 2, l2sp: 1.0e+9}\n")
+    out = tmp_path / "grid.json"
+    argv = ["cv", str(textures), "--folds", "3", "--grid", str(grid), "--ok-class", "ok", "--img-size", str(IMG),
+            "--epochs", "3", "--augmented-views", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "frozen" in printed and "last-2 held" in printed and "best:" in printed and "escapes" in printed
+    written = json.loads(out.read_text())
+    rows = {row["name"]: row for row in written["rows"]}
+    assert list(rows) == ["frozen", "last-1", "last-2 held"] and written["best"] in rows
+    assert max(row["balanced_accuracy"] for row in rows.values()) == rows[written["best"]]["balanced_accuracy"]
+    assert all(row["defects"] == 72 and row["goods"] == 24 for row in rows.values())
+    assert written["gain_over_first"] == pytest.approx(
+        rows[written["best"]]["balanced_accuracy"] - rows["frozen"]["balanced_accuracy"])
+    alone = cross_validate(textures, FinetuneConfig(img_size=IMG, epochs=3, augmented_views=1, ok_class="ok"), folds=3)
+    frozen = written["results"]["frozen"]
+    assert [row["num_samples"] for row in frozen["per_fold"]] == [row["num_samples"] for row in alone["per_fold"]]
+    # the frozen recipe ran its last two frozen blocks on the shared float16 cache: the same scores within round-off
+    assert frozen["pooled"]["balanced_accuracy"] == pytest.approx(alone["pooled"]["balanced_accuracy"], abs=0.03)
+
+
+def test_cv_grid_errors_are_one_line_with_exit_2(textures, tmp_path, capsys):
+    bad_key, bad_seed = tmp_path / "key.yaml", tmp_path / "seed.yaml"
+    bad_key.write_text("- {unfreez: 1}\n")
+    bad_seed.write_text("- {seed: 0}\n- {seed: 1}\n")
+    assert main(["cv", str(textures), "--grid", str(bad_key)]) == 2
+    assert main(["cv", str(textures), "--grid", str(bad_seed)]) == 2
+    assert main(["cv", str(textures), "--grid", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'unfreez'" in err and "must share seed" in err and "does not exist" in err
+    assert "Traceback" not in err
 
 
 def test_cli_cv_errors_are_one_line_with_exit_2(textures, capsys):
