@@ -350,9 +350,16 @@ def _settings(cfg: BenchConfig) -> dict[str, Any]:
 
 def benchmark(run_dir: str | Path, cfg: BenchConfig = BenchConfig()) -> BenchResult:
     """Time every artifact of a run on every available backend; write RUN_DIR/bench.json and bench.csv."""
+    from edge_tl.run_lock import run_lock
+
     validate_config(cfg)
     run_dir = Path(run_dir)
     _check_run_dir(run_dir)
+    with run_lock(run_dir):  # it writes bench.json and bench.csv
+        return _benchmark_run(run_dir, cfg)
+
+
+def _benchmark_run(run_dir: Path, cfg: BenchConfig) -> BenchResult:
     run_info, skipped = read_json(run_dir / "run.json"), []
     backends = _available_backends(cfg.backends, skipped)
     targets, verdicts, facts = _run_targets(run_dir, run_info, cfg, backends, skipped)

@@ -218,7 +218,8 @@ def _export_plan(run_dir: Path, recipe: Recipe) -> list:
     stages = ["float"] + (["pruned"] if recipe.extra("prune", "enabled") else [])
     quantized = set(recipe.extra("quantize", "stages"))
     gate = recipe.config("verify")  # the verification packs carry the run's gate to the device
-    template = replace(recipe.config("export"), max_drop=gate.max_drop, max_escape_rise=gate.max_escape_rise)
+    template = replace(recipe.config("export"), max_drop=gate.max_drop, max_escape_rise=gate.max_escape_rise,
+                       confidence=gate.confidence, unlabelled=gate.unlabelled)
     plan = []
     for stage in stages:
         for precision in recipe.extra("export", "precisions"):
@@ -270,6 +271,7 @@ def _verify(runner: _Runner, run_dir: Path, recipe: Recipe, artifacts: list[tupl
     for artifact, stage in artifacts:
         def do_verify(artifact=artifact) -> list[Path]:
             verify(run_dir, artifact, max_drop=cfg.max_drop, max_escape_rise=cfg.max_escape_rise,
+                   confidence=cfg.confidence, unlabelled=cfg.unlabelled,
                    batch_size=cfg.batch_size)
             return [verify_path(run_dir, artifact)]
 

@@ -393,6 +393,13 @@ def write_report(run_dir: str | os.PathLike) -> ReportResult:
 
     Last, figures an earlier report drew under its own names in ``run_dir/plots`` and this one no longer
     shows are deleted; other files there are left alone."""
+    from edge_tl.run_lock import run_lock
+
+    with run_lock(run_dir):
+        return _write_report(run_dir)
+
+
+def _write_report(run_dir: str | os.PathLike) -> ReportResult:
     inputs = load_report_inputs(run_dir)
     run_dir, info = inputs.run_dir, inputs.run_info
     plots_dir = run_dir / PLOTS_DIR

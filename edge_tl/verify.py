@@ -35,6 +35,7 @@ from edge_tl.gate import (
     label_free_evidence,
 )
 from edge_tl.metrics import classification_metrics
+from edge_tl.run_lock import run_lock
 from edge_tl.runners.base import Runner
 
 logger = logging.getLogger(__name__)
@@ -328,6 +329,13 @@ def verify(
     an exception: call :func:`edge_tl.gate.check_gate` to raise it.
     """
     check_gate_settings(max_drop, max_escape_rise, confidence)
+    with run_lock(run_dir):  # it writes RUN_DIR/verify
+        return _verify(Path(run_dir), Path(artifact), data_dir, max_drop, max_escape_rise, batch_size, confidence,
+                       unlabelled)
+
+
+def _verify(run_dir: Path, artifact: Path, data_dir, max_drop: float, max_escape_rise: float, batch_size: int,
+            confidence: float, unlabelled) -> dict[str, Any]:
     predictions = artifact_predictions(run_dir, artifact, data_dir, batch_size, with_float=True)
     artifact = Path(artifact)
     label_free = None
@@ -383,7 +391,5 @@ def unlabelled_records(run_dir: str | os.PathLike, source: str | os.PathLike) ->
         from edge_tl.finetune import run_records
 
         return run_records(read_json(Path(run_dir) / "run.json"), "train"), TRAIN_SPLIT
-    from edge_tl.predict import collect_images
-
-    paths = collect_images([source])
+    paths = data_mod.collect_images([source])
     return [data_mod.ImageRecord(path, 0) for path in paths], str(source)

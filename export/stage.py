@@ -42,6 +42,7 @@ from calibrate.calibration_file import Calibration, read_calibration
 from edge_tl.artifacts import atomic_write_json, load_weights, read_json, sha256_file
 from edge_tl.data import run_crop
 from edge_tl.errors import ArtifactError, ConfigError
+from edge_tl.gate import DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP, DEFAULT_MAX_ESCAPE_RISE
 from edge_tl.machine import library_versions
 from edge_tl.prune_stage import load_stage_model
 from edge_tl.quantize_config import check_quantize_outputs
@@ -66,8 +67,8 @@ IMPLICIT_CACHE_TRT_VERSION = "10.3.0"
 class ExportConfig:
     """What to export. ``target`` picks the INT8 Q/DQ flavour of an ONNX export (engines always use
     the TensorRT one); ``dla_core``, ``workspace_mb`` and ``timing_cache`` apply to engines only.
-    ``max_drop`` and ``max_escape_rise`` are the gate the stage's verification pack carries to the
-    device (points, as :func:`edge_tl.verify.verify` takes them)."""
+    ``max_drop``, ``max_escape_rise``, ``confidence`` and ``unlabelled`` are the gate the stage's
+    verification pack carries to the device (as :func:`edge_tl.verify.verify` takes them)."""
 
     format: str = "onnx"
     precision: str = "fp32"
@@ -79,8 +80,10 @@ class ExportConfig:
     workspace_mb: int = 1024
     timing_cache: str | None = None
     max_batch: int = 1
-    max_drop: float = 1.0
-    max_escape_rise: float = 0.0
+    max_drop: float = DEFAULT_MAX_DROP
+    max_escape_rise: float = DEFAULT_MAX_ESCAPE_RISE
+    confidence: float = DEFAULT_CONFIDENCE
+    unlabelled: str | None = None
 
 
 def export_dir(run_dir: str | os.PathLike) -> Path:
@@ -117,9 +120,9 @@ def validate_config(cfg: ExportConfig) -> None:
         raise ConfigError(f"dynamic_batch {cfg.dynamic_batch!r} must be True or False")
     if isinstance(cfg.workspace_mb, bool) or not isinstance(cfg.workspace_mb, int) or cfg.workspace_mb < 1:
         raise ConfigError(f"--workspace {cfg.workspace_mb!r} must be an integer number of MB >= 1, e.g. 1024")
-    from edge_tl.verify import check_gate_settings
+    from edge_tl.gate import check_gate_settings
 
-    check_gate_settings(cfg.max_drop, cfg.max_escape_rise)
+    check_gate_settings(cfg.max_drop, cfg.max_escape_rise, cfg.confidence)
     if isinstance(cfg.max_batch, bool) or not isinstance(cfg.max_batch, int) or cfg.max_batch < 1:
         raise ConfigError(f"--max-batch {cfg.max_batch!r} must be an integer >= 1, e.g. 8")
     if cfg.format == "onnx" and (cfg.dla_core is not None or cfg.timing_cache is not None or cfg.max_batch != 1):
@@ -225,7 +228,7 @@ def _pack_facts(run_dir: Path, cfg: ExportConfig) -> dict[str, Any]:
     """The stage's verification pack (written unless current) as the manifest records it."""
     from edge_tl.verify_pack import ensure_pack
 
-    path, digest = ensure_pack(run_dir, cfg.stage, cfg.max_drop, cfg.max_escape_rise)
+    path, digest = ensure_pack(run_dir, cfg.stage, cfg.max_drop, cfg.max_escape_rise, cfg.confidence, cfg.unlabelled)
     return {"file": path.name, "sha256": digest}
 
 
