@@ -455,7 +455,7 @@ def print_pipeline_result(result) -> None:
     console.print(verification_table(result.verification))
     bench_path = result.run_dir / "bench.json"
     recommended = read_json(bench_path).get("recommended") if bench_path.is_file() else None
-    if recommended:
+    if recommended and recommended.get("artifact"):
         console.print(f"recommended: {recommended.get('artifact')} ({recommended.get('reason', '')})")
     else:
         console.print("recommended: none (no artifact passed verification)")

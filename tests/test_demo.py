@@ -13,7 +13,7 @@ from edge_tl.errors import ArtifactError
 SMALL_DEMO = {"ok": 12, "scratch": 6, "spot": 6, "crack": 6}  # the demo's recipe, a tenth of its images
 
 
-def test_demo_runs_the_chain_and_names_a_verified_artifact(tmp_path, monkeypatch, capsys):
+def test_demo_runs_the_chain_and_verifies_every_artifact(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(synthetic, "DEMO_IMAGES_PER_CLASS", SMALL_DEMO)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
@@ -28,10 +28,19 @@ def test_demo_runs_the_chain_and_names_a_verified_artifact(tmp_path, monkeypatch
     assert {f.split("/")[0] for f in val_files} == set(SMALL_DEMO)  # stratified: every class validated
     assert all(v["num_samples"] == len(val_files) for v in verified.values())
     assert verified["model.float.fp32.onnx.json"]["top1_agreement"] == 1.0
+    # a tenth of the demo (6 validation images) cannot show a 2-point escape margin, even with the
+    # training split as label-free evidence: nothing is recommended, and the report says what would settle it
+    assert {v["verdict"] for v in verified.values()} == {"INCONCLUSIVE"}
+    assert all(v["unlabelled"]["source"] == "train" for v in verified.values())
     bench = json.loads((run_dir / "bench.json").read_text())
-    recommended = bench["recommended"]["artifact"]
-    assert verified[recommended + ".json"]["passed"] is True
-    assert recommended in (run_dir / "report.md").read_text()
+    assert bench["recommended"]["artifact"] is None
+    assert all(reason.startswith("verification INCONCLUSIVE") for reason in bench["recommended"]["rejected"].values())
+    assert "recommended: none (no artifact passed verification)" in printed
+    assert "What would settle the INCONCLUSIVE ones:" in (run_dir / "report.md").read_text()
+    # the release gate of `edge-tl run` keys on it: the same run again, resumed, exits 1 with --gate
+    assert main(["run", str(out / "data"), "--out", str(run_dir), "--recipe", str(run_dir / "recipe.yaml"),
+                 "--gate"]) == 1
+    assert "--gate: none of the 6 artifacts passed verification (6 INCONCLUSIVE)" in capsys.readouterr().err
     assert (out / MARKER).is_file() and check_demo_dir(out) == out
 
 
