@@ -245,11 +245,13 @@ def latency_points(bench_rows: Sequence[dict], verifications: Sequence[dict]) ->
 
 def accuracy_interval(record: dict) -> tuple[float, float] | None:
     """The artifact's balanced accuracy interval from its verify record: the float model's balanced
-    accuracy minus the drop's confidence interval (None for records without statistics)."""
+    accuracy minus the drop's (labelled) confidence interval, within [0, 1] (None for records without
+    statistics)."""
     reference = record.get("float_balanced_accuracy")
     for interval in (record.get("statistics") or {}).get("intervals", []):
         if interval.get("quantity") == "balanced_accuracy_drop" and isinstance(reference, (int, float)):
-            return reference - interval["upper_points"] / 100, reference - interval["lower_points"] / 100
+            low, high = reference - interval["upper_points"] / 100, reference - interval["lower_points"] / 100
+            return max(low, 0.0), min(high, 1.0)  # a balanced accuracy lies in [0, 1]
     return None
 
 
