@@ -15,7 +15,6 @@ spread. Above :mod:`edge_tl.crossval`.
 """
 from __future__ import annotations
 
-import types
 import typing
 from dataclasses import fields, replace
 from pathlib import Path
@@ -28,27 +27,7 @@ from edge_tl.crossval import cross_validate_recipes
 from edge_tl.errors import ConfigError
 from edge_tl.finetune_config import FinetuneConfig
 from edge_tl.out_of_fold import DEFAULT_FOLDS
-
-
-def _coerce(where: str, value: Any, kind: Any) -> Any:
-    """``value`` as ``kind`` (int, float, bool, str or X | None) or a ConfigError naming the key."""
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        options = [option for option in typing.get_args(kind) if option is not type(None)]
-        if value is None:
-            return None
-        for option in options:
-            try:
-                return _coerce(where, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(f"grid key {where} must be {' or '.join(o.__name__ for o in options)} or null, got {value!r}")
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind in (bool, str) and isinstance(value, kind):
-        return value
-    raise ConfigError(f"grid key {where} must be {getattr(kind, '__name__', kind)}, got {value!r}; fix the grid file")
+from edge_tl.recipe import coerce_value
 
 
 def grid_recipes(raw: Any, base: FinetuneConfig, source: str = "grid") -> list[tuple[str, FinetuneConfig]]:
@@ -67,7 +46,7 @@ def grid_recipes(raw: Any, base: FinetuneConfig, source: str = "grid") -> list[t
         bad = sorted(set(entry) - set(allowed) - {"name"})
         if bad:
             raise ConfigError(f"{source}: entry {index} has unknown key {bad[0]!r}; valid keys: name, {', '.join(allowed)}")
-        settings = {key: _coerce(f"{index}.{key}", value, hints[key]) for key, value in entry.items() if key != "name"}
+        settings = {key: coerce_value(f"{index}.{key}", value, hints[key], "grid") for key, value in entry.items() if key != "name"}
         name = str(entry.get("name") or ", ".join(f"{key}={value}" for key, value in settings.items()) or "base")
         recipes.append((name, replace(base, **settings)))
     names = [name for name, _ in recipes]

@@ -107,8 +107,9 @@ def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
-def _coerce(where: str, value: Any, kind: Any) -> Any:
-    """``value`` as type ``kind`` (int, float, bool, str, X | None, tuple[X, ...]) or a ConfigError."""
+def coerce_value(where: str, value: Any, kind: Any, source: str = "recipe") -> Any:
+    """``value`` as type ``kind`` (int, float, bool, str, X | None, tuple[X, ...]) or a ConfigError
+    naming the ``source`` file's key (a recipe's, a cv grid's)."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(kind)
@@ -119,7 +120,7 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
             if option is type(None):
                 continue
             try:
-                return _coerce(where, value, option)
+                return coerce_value(where, value, option, source)
             except ConfigError as err:
                 errors.append(err)
         raise errors[0]
@@ -127,15 +128,15 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
         item_kind = typing.get_args(kind)[0]
         items = value if isinstance(value, (list, tuple)) else None
         if items is None:
-            raise ConfigError(f"recipe key {where} must be a list, got {value!r}; write it as [a, b]")
-        return tuple(_coerce(f"{where}[{i}]", item, item_kind) for i, item in enumerate(items))
+            raise ConfigError(f"{source} key {where} must be a list, got {value!r}; write it as [a, b]")
+        return tuple(coerce_value(f"{where}[{i}]", item, item_kind, source) for i, item in enumerate(items))
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind in (bool, str) and isinstance(value, kind):
         return value
-    raise ConfigError(f"recipe key {where} must be {_type_name(kind)}, got {value!r}; fix the recipe")
+    raise ConfigError(f"{source} key {where} must be {_type_name(kind)}, got {value!r}; fix the {source}")
 
 
 def _extra_type(default: Any) -> Any:
@@ -163,10 +164,10 @@ def recipe_from_dict(raw: Any, source: str = "recipe") -> Recipe:
         bad = sorted(set(values) - set(allowed))
         if bad:
             raise ConfigError(f"{source}: unknown key {name}.{bad[0]}; valid keys: {', '.join(allowed)}")
-        settings = {key: _coerce(f"{name}.{key}", value, hints[key])
+        settings = {key: coerce_value(f"{name}.{key}", value, hints[key])
                     for key, value in values.items() if key not in section.extras}
         configs[name] = section.config_type(**settings)
-        extras[name] = {key: _coerce(f"{name}.{key}", values[key], _extra_type(default)) if key in values else default
+        extras[name] = {key: coerce_value(f"{name}.{key}", values[key], _extra_type(default)) if key in values else default
                         for key, default in section.extras.items()}
     recipe = Recipe(configs, extras)
     validate_recipe(recipe)
