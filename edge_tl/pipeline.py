@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from edge_tl.artifacts import atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_text
 from edge_tl.errors import BackendUnavailableError
+from edge_tl.pack_format import stage_model_files
 from edge_tl.recipe import Recipe
 from edge_tl.run_lock import run_lock
 
@@ -188,19 +189,13 @@ def _run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, force: bool) ->
     return result
 
 
-def _stage_model_files(run_dir: Path, stage: str) -> list[Path]:
-    if stage == "float":
-        return [run_dir / "model.safetensors"]
-    return [run_dir / "pruned" / "model.safetensors", run_dir / "pruned" / "shape.json"]
-
-
 def _compress(runner: _Runner, run_dir: Path, recipe: Recipe) -> None:
     from edge_tl.prune_stage import prune_run
     from edge_tl.quantize import quantize, quantized_dir
 
     if recipe.extra("prune", "enabled"):
         prune_cfg = recipe.config("prune")
-        runner.step("prune", _settings_hash(prune_cfg, runner.files_hash(_stage_model_files(run_dir, "float"))),
+        runner.step("prune", _settings_hash(prune_cfg, runner.files_hash(stage_model_files(run_dir, "float"))),
                     lambda: [prune_run(run_dir, prune_cfg).pruned_dir])
     for stage in recipe.extra("quantize", "stages"):
         cfg = replace(recipe.config("quantize"), stage=stage)
@@ -209,7 +204,7 @@ def _compress(runner: _Runner, run_dir: Path, recipe: Recipe) -> None:
             quantize(run_dir, cfg)
             return [quantized_dir(run_dir, cfg.stage)]
 
-        runner.step(f"quantize/{stage}", _settings_hash(cfg, runner.files_hash(_stage_model_files(run_dir, stage))),
+        runner.step(f"quantize/{stage}", _settings_hash(cfg, runner.files_hash(stage_model_files(run_dir, stage))),
                     do_quantize)
 
 
@@ -245,7 +240,7 @@ def _export(runner: _Runner, run_dir: Path, recipe: Recipe) -> list[tuple[Path, 
 
     artifacts = []
     for cfg in _export_plan(run_dir, recipe):
-        inputs = _stage_model_files(run_dir, cfg.stage)
+        inputs = stage_model_files(run_dir, cfg.stage)
         if cfg.precision == "int8":
             inputs.append(calibration_path(run_dir, cfg.stage))
             qat_weights = calibration_path(run_dir, cfg.stage).parent / "model.safetensors"
@@ -276,7 +271,7 @@ def _verify(runner: _Runner, run_dir: Path, recipe: Recipe, artifacts: list[tupl
             return [verify_path(run_dir, artifact)]
 
         runner.step(f"verify/{artifact.name}",
-                    _settings_hash(cfg, runner.files_hash([artifact] + _stage_model_files(run_dir, stage))), do_verify)
+                    _settings_hash(cfg, runner.files_hash([artifact] + stage_model_files(run_dir, stage))), do_verify)
         runner.result.verification.append(read_json(verify_path(run_dir, artifact)))
 
 
@@ -287,7 +282,7 @@ def _bench_and_report(runner: _Runner, run_dir: Path, recipe: Recipe, artifacts:
 
     bench_cfg = recipe.config("bench")
     paths = [artifact for artifact, _ in artifacts]
-    inputs = runner.files_hash(paths + [verify_path(run_dir, a) for a in paths] + _stage_model_files(run_dir, "float"))
+    inputs = runner.files_hash(paths + [verify_path(run_dir, a) for a in paths] + stage_model_files(run_dir, "float"))
 
     def do_bench() -> list[Path]:
         benchmark(run_dir, bench_cfg)

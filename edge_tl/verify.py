@@ -364,7 +364,7 @@ def _verify(run_dir: Path, artifact: Path, data_dir, max_drop: float, max_escape
 def _pack_float_predictions(run_dir: Path, stage: str) -> np.ndarray | None:
     """The float model's training-split predictions from the stage's verification pack when it is current
     (same run.json and weights, same split): the very computation, done once per stage at export."""
-    from edge_tl.pack_format import pack_path, pack_sources, read_pack
+    from edge_tl.pack_format import pack_path, pack_records, pack_sources, read_pack
 
     path = pack_path(run_dir, stage)
     if not path.is_file():
@@ -377,9 +377,9 @@ def _pack_float_predictions(run_dir: Path, stage: str) -> np.ndarray | None:
     train_files = run_info["split"]["train_files"]
     if pack.sources != pack_sources(run_dir, stage) or list(pack.unlabelled_files) != list(train_files):
         return None
-    root = Path(run_info["data_dir"])  # the images themselves unchanged too
-    if any(not (root / rel).is_file() or sha256_file(root / rel) != digest
-           for rel, digest in zip(train_files, pack.unlabelled_sha256)):
+    try:  # the images themselves unchanged too: the device's own check of them
+        pack_records(pack, run_info["data_dir"], unlabelled=True)
+    except DatasetError:
         return None
     return np.asarray(pack.unlabelled_float_pred)
 

@@ -24,6 +24,7 @@ from edge_tl.artifacts import read_json, sha256_file
 from edge_tl.cli import main
 from edge_tl.errors import ArtifactError, BackendUnavailableError, ConfigError, DatasetError
 from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint, predict_logits, run_records
+from edge_tl.install_profile import importable
 from edge_tl.verify import verify
 from edge_tl.verify_pack import pack_path, read_pack, verify_with_pack
 from export.engine_from_onnx import EngineConfig, build_engine_from_onnx
@@ -173,17 +174,11 @@ def test_engine_from_onnx_checks_the_request_before_tensorrt(run_dir, tmp_path):
     onnx.save(bare, str(tmp_path / "bare.onnx"))
     with pytest.raises(ArtifactError, match="lacks the metadata stage, precision"):
         build_engine_from_onnx(tmp_path / "bare.onnx", EngineConfig(precision="fp16"))
-    if importlib_has("tensorrt"):
+    if importable("tensorrt"):
         pytest.skip("TensorRT is installed: the missing-TensorRT message is not reachable")
     with pytest.raises(BackendUnavailableError, match="TensorRT is not installed"):
         build_engine_from_onnx(folder / "model.float.fp32.onnx", EngineConfig(precision="fp16"))
     assert not list(folder.glob("*.engine*")) and not list(folder.glob(".engine-*"))
-
-
-def importlib_has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def _device(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
@@ -237,7 +232,7 @@ def test_device_side_runs_without_torch_timm_or_nni(run_dir, device_data, tmp_pa
         assert "pip install 'edge-tl[train]'" in lines[0] and "Traceback" not in refused.stderr
     assert not (tmp_path / "r").exists()
 
-    if not importlib_has("tensorrt"):
+    if not importable("tensorrt"):
         engine = _device(tmp_path, "export", str(artifact.with_name("model.float.int8.onnx")), "--format", "engine",
                          "--precision", "fp16")
         assert engine.returncode == 2 and "TensorRT is not installed" in engine.stderr, engine.stderr
