@@ -233,12 +233,13 @@ def _sweep_run(run_dir: Path, cfg: PruneConfig, sparsities: tuple[float, ...]) -
 
     run = _StageData.load(run_dir, cfg)
 
-    def accuracy(model: nn.Module) -> float:
+    def accuracy(model: nn.Module) -> float | dict[str, float]:
         # as `edge-tl prune` does before recovery: the head refit on the pruned trunk, kept if not worse
         before = run.evaluate(model)
         if not cfg.refit_head or model is run.parent:
             return before["balanced_accuracy"]
-        return refit_head(copy.deepcopy(model), run.run_info, run.evaluate, before)[0]["balanced_accuracy"]
+        after = refit_head(copy.deepcopy(model), run.run_info, run.evaluate, before)[0]["balanced_accuracy"]
+        return {"balanced_accuracy": after, "balanced_accuracy_before_refit": before["balanced_accuracy"]}
 
     result = sweep(run.parent, run.run_info["img_size"], accuracy, sparsities=sparsities, method=cfg.method,
                    align=cfg.align, calibration_batches=run.calibration_batches, latency_runs=cfg.latency_runs)

@@ -1,12 +1,13 @@
 """The per-stage pruning sweep: accuracy (no recovery), MACs and ONNX Runtime latency per trunk stage and sparsity.
 
-``val_fn`` decides what accuracy means; `edge-tl prune --sweep` (:func:`edge_tl.prune_stage.sweep_run`)
-refits the head on each pruned trunk first, as `edge-tl prune` does.
+``val_fn`` decides what accuracy means: a balanced accuracy, or a mapping with ``balanced_accuracy`` and
+further numbers the row records; `edge-tl prune --sweep` (:func:`edge_tl.prune_stage.sweep_run`)
+refits the head on each pruned trunk first, as `edge-tl prune` does, and records the accuracy before it.
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -16,6 +17,13 @@ from edge_tl.model_cost import compare_ort_latency_ms, count_macs, count_params,
 from edge_tl.prune import find_prune_groups, prune_model
 
 log = logging.getLogger(__name__)
+
+
+def _scored(value: float | Mapping[str, float]) -> tuple[float, dict[str, float]]:
+    """A ``val_fn`` result as (balanced accuracy, the row's further numbers)."""
+    if isinstance(value, Mapping):
+        return float(value["balanced_accuracy"]), {key: float(v) for key, v in value.items() if key != "balanced_accuracy"}
+    return float(value), {}
 
 
 def trunk_stages(model: EdgeClassifier, img_size: int) -> list[list[int]]:
@@ -41,7 +49,7 @@ def trunk_stages(model: EdgeClassifier, img_size: int) -> list[list[int]]:
 def sweep(
     model: EdgeClassifier,
     img_size: int,
-    val_fn: Callable[[nn.Module], float],
+    val_fn: Callable[[nn.Module], float | Mapping[str, float]],
     sparsities: tuple[float, ...] = (0.3, 0.5, 0.7),
     method: str = "l1",
     align: int = 8,
@@ -59,17 +67,18 @@ def sweep(
     """
     calibration = list(calibration_batches) if calibration_batches is not None else None
     training = list(training_batches) if training_batches is not None else None
-    parent_accuracy = float(val_fn(model))
+    parent_accuracy = _scored(val_fn(model))[0]
     parent_macs, parent_latency = count_macs(model, img_size), ort_latency_ms(model, img_size, latency_runs)
 
     def measure(label: str, sparsity: float, per_block: dict[int, float]) -> dict:
         pruned, spec = prune_model(model, img_size, sparsity, method, align, per_block, calibration, training)
-        accuracy, macs = float(val_fn(pruned)), count_macs(pruned, img_size)
+        (accuracy, scores), macs = _scored(val_fn(pruned)), count_macs(pruned, img_size)
         parent_ms, latency = compare_ort_latency_ms([model, pruned], img_size, latency_runs)
         row = {"label": label, "sparsity": sparsity, "sparsity_per_block": spec["sparsity_per_block"],
                "balanced_accuracy": accuracy, "balanced_accuracy_delta": 100.0 * (accuracy - parent_accuracy),
                "params": count_params(pruned), "macs": macs, "macs_ratio": parent_macs / macs,
-               "ort_latency_ms": latency, "parent_ort_latency_ms": parent_ms, "ort_latency_ratio": parent_ms / latency}
+               "ort_latency_ms": latency, "parent_ort_latency_ms": parent_ms, "ort_latency_ratio": parent_ms / latency,
+               **scores}
         log.info("sweep %s: balanced accuracy %+.2f points, macs x%.2f, latency x%.2f", label,
                  row["balanced_accuracy_delta"], row["macs_ratio"], row["ort_latency_ratio"])
         return row
