@@ -17,7 +17,7 @@ PX = 64
 RAW_RECIPE = {
     "finetune": {"img_size": PX, "epochs": 2, "augmented_views": 1, "ok_class": "ok"},
     "prune": {"sparsity": 0.25, "recover_epochs": 1, "latency_runs": 5},
-    "quantize": {"calib_images": 16},
+    "quantize": {"calib_images": 16, "reconstruct": False},  # reconstruction: tests/test_quantize.py
     "export": {"precisions": ["fp32", "int8"]},
     "verify": {"max_drop": 100.0, "max_escape_rise": 100.0},
     "bench": {"backends": ["onnxruntime"], "batch_sizes": [1], "warmup": 1, "min_time_s": 0.05, "min_runs": 3},
