@@ -27,7 +27,7 @@ def _trainable(space: dict) -> None:
 
     config = space["config"]
     tune.report(run_trial(config["data_dir"], Trial(**config["trial"]), config["dataset_sha256"],
-                          config["threads"]))
+                          config["threads"], config["concurrent"]))
 
 
 def run_ray_trials(data_dir: str, trials: list[Trial], dataset_sha256: str, out: Path, workers: int,
@@ -49,7 +49,7 @@ def run_ray_trials(data_dir: str, trials: list[Trial], dataset_sha256: str, out:
              time.perf_counter() - started, address or "local", len(trials), workers, threads)
     try:
         configs = [{"data_dir": data_dir, "trial": dataclasses.asdict(trial), "dataset_sha256": dataset_sha256,
-                    "threads": threads, "index": index} for index, trial in enumerate(trials)]
+                    "threads": threads, "concurrent": workers > 1, "index": index} for index, trial in enumerate(trials)]
         tuner = tune.Tuner(
             tune.with_resources(_trainable, {"cpu": threads}),
             param_space={"config": tune.grid_search(configs)},
@@ -76,4 +76,4 @@ def run_ray_trials(data_dir: str, trials: list[Trial], dataset_sha256: str, out:
 
 
 _ROW_KEYS = ("name", "status", "artifact", "backend", "latency_ms_p50", "balanced_accuracy", "escape_rate",
-             "verdict", "verdicts", "seconds", "run_dir", "error")
+             "verdict", "verdicts", "seconds", "benched_alone", "run_dir", "error")

@@ -68,6 +68,7 @@ def test_sweep_runs_trials_on_ray_reuses_them_and_reports_the_broken_one(surface
         row = rows[name]
         assert row["status"] == "done" and row["run_dir"] == str(out / "trials" / run)
         assert row["artifact"] == "model.float.fp32.onnx" and row["verdict"] == "PASS" and row["latency_ms_p50"] > 0
+        assert row["benched_alone"] is True  # the two ran side by side, then were benched one at a time
         metrics = json.loads((out / "trials" / run / "metrics.json").read_text())
         assert row["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
         assert json.loads((out / "trials" / run / "trial.json").read_text())["row"] == row
