@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from edge_tl.distributed import local_rank
 from edge_tl.errors import BackendUnavailableError, ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -19,7 +20,8 @@ CPU = torch.device("cpu")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: the first CUDA GPU if PyTorch sees one, else the CPU; ``cpu``; ``cuda`` (a GPU is required)."""
+    """``auto``: the first CUDA GPU if PyTorch sees one, else the CPU; ``cpu``; ``cuda`` (a GPU is required).
+    Under torchrun a GPU is the rank's own, ``cuda:LOCAL_RANK``."""
     if name not in DEVICES:
         raise ConfigError(f"device {name!r} is not one of {', '.join(DEVICES)}; use --device auto")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
@@ -29,7 +31,12 @@ def resolve_device(name: str) -> torch.device:
             "--device cuda: PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
             "use --device cpu, or install a CUDA build of PyTorch on a machine with an NVIDIA GPU"
         )
-    return torch.device("cuda", 0)
+    index = local_rank() or 0
+    if index >= torch.cuda.device_count():
+        raise BackendUnavailableError(
+            f"torchrun local rank {index} has no GPU of its own: PyTorch sees {torch.cuda.device_count()}; "
+            f"start at most {torch.cuda.device_count()} processes per node (--nproc-per-node), or use --device cpu")
+    return torch.device("cuda", index)
 
 
 def describe_device(device: torch.device) -> str:
