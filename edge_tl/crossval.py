@@ -13,6 +13,10 @@ logit so that at most a given share of defective parts would be passed as good
 (:func:`edge_tl.operating_point.ok_logit_shift`). Folded into the head's bias it travels with every
 exported artifact.
 
+Started by torchrun (``torchrun --nproc-per-node N -m edge_tl cv ...``), the frozen passes and the
+tails run data-parallel (:mod:`edge_tl.distributed`); every rank gets the same results, rank 0
+alone writes ``out``.
+
 The top layer, beside :mod:`edge_tl.finetune` (neither imports the other): folds and out-of-fold
 logits come from :mod:`edge_tl.out_of_fold`, the settings from :mod:`edge_tl.finetune_config`.
 """
@@ -31,7 +35,8 @@ from torch import nn
 from edge_tl import data as data_mod
 from edge_tl.artifacts import atomic_write_json
 from edge_tl.backbones import build_model
-from edge_tl.device import resolve_device
+from edge_tl.device import CPU, resolve_device
+from edge_tl.distributed import is_main_process, process_group
 from edge_tl.errors import ConfigError
 from edge_tl.features import cache_features
 from edge_tl.finetune_config import FinetuneConfig, validate_inputs
@@ -82,7 +87,7 @@ def cross_validate(data_dir: str | Path, cfg=None, folds: int = DEFAULT_FOLDS, o
     on an inner split of that fold's training images) on one shared cache of the frozen prefix.
     """
     result = cross_validate_recipes(data_dir, [cfg or FinetuneConfig()], folds)[0]
-    if out is not None:
+    if out is not None and is_main_process():  # under torchrun rank 0 writes
         atomic_write_json(Path(out), result)
     return result
 
@@ -98,7 +103,9 @@ def cross_validate_recipes(data_dir: str | Path, recipes: list, folds: int = DEF
     Each group of recipes with the same input settings (``CACHE_SETTINGS``) shares one cache: the
     frozen prefix before the largest ``unfreeze`` among them, run once per image view; a recipe that
     unfreezes fewer blocks runs the remaining frozen blocks on that cache. Every result records its
-    own ``seconds_total``: its share of the cache passes plus its own fitting.
+    own ``seconds_total``: its share of the cache passes plus its own fitting. Under torchrun every rank
+    computes its shards inside one process group (NCCL when every recipe's device is a GPU, else gloo)
+    and returns the same results.
     """
     data_dir = Path(data_dir)
     if not recipes:
@@ -115,6 +122,15 @@ def cross_validate_recipes(data_dir: str | Path, recipes: list, folds: int = DEF
     keys = part_keys(records, recipes[0].group_pattern)
     check_folds(fold_units(labels, keys, scan.classes), folds, "images" if keys is None else "groups under --group-pattern")
     fold_of = fold_assignment(labels, keys, folds, recipes[0].seed)
+    devices = [resolve_device(cfg.device) for cfg in recipes]
+    with process_group(devices[0] if all(device.type == "cuda" for device in devices) else CPU) as (rank, world):
+        if world > 1:
+            log.info("cv: rank %d of %d", rank, world)
+        return _cross_validate_recipes(data_dir, recipes, folds, checked, scan, records, labels, keys, fold_of)
+
+
+def _cross_validate_recipes(data_dir: Path, recipes: list, folds: int, checked, scan, records, labels, keys,
+                            fold_of) -> list[dict]:
     caches: dict[tuple, dict] = {}
     for cfg, (spec, _) in zip(recipes, checked):
         key = tuple(getattr(cfg, name) for name in CACHE_SETTINGS)
@@ -142,6 +158,7 @@ def _fill_cache(entry: dict, cfg, records, num_classes: int) -> None:
     started = time.perf_counter()
     spec = entry["spec"]
     img_size = cfg.resolved_img_size(spec)
+    torch.manual_seed(cfg.seed)  # the new head's initial weights: the same in every run and on every torchrun rank
     model = build_model(spec, num_classes=num_classes, img_size=img_size, pretrained=cfg.pretrained,
                         weights=cfg.weights).eval()
     freeze_trunk(model, entry["unfreeze"])

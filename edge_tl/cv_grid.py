@@ -24,6 +24,7 @@ import numpy as np
 
 from edge_tl.artifacts import atomic_write_json
 from edge_tl.crossval import cross_validate_recipes
+from edge_tl.distributed import is_main_process
 from edge_tl.errors import ConfigError
 from edge_tl.finetune_config import FinetuneConfig
 from edge_tl.out_of_fold import DEFAULT_FOLDS
@@ -108,6 +109,6 @@ def cross_validate_grid(data_dir: str | Path, recipes: list[tuple[str, FinetuneC
             "first_fold_std": rows[0]["balanced_accuracy_fold_std"],
             "seconds_total": float(sum(row["seconds_total"] for row in rows)),
             "results": {name: result for (name, _), result in zip(recipes, results)}}
-    if out is not None:
+    if out is not None and is_main_process():  # under torchrun rank 0 writes
         atomic_write_json(Path(out), grid)
     return grid

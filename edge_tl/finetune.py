@@ -13,9 +13,14 @@ The top layer, beside :mod:`edge_tl.crossval` (neither imports the other): it us
 passes (:mod:`edge_tl.features`) and the shared settings (:mod:`edge_tl.finetune_config`).
 ``load_checkpoint``, ``run_records``, ``predict_logits``, ``FinetuneConfig`` and ``validate_inputs``
 live in those lower modules and are importable from here as well.
+
+Started by torchrun (``torchrun --nproc-per-node N -m edge_tl finetune ...``), :func:`finetune`
+runs data-parallel (:mod:`edge_tl.distributed`): every rank computes the same run from its shards,
+rank 0 alone holds the run directory's lock and writes it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -31,6 +36,7 @@ from edge_tl.artifacts import atomic_write_json, save_weights, staged_run_dir
 from edge_tl.backbones import BackboneSpec, build_model
 from edge_tl.checkpoint import load_checkpoint, run_records  # noqa: F401  (documented here too)
 from edge_tl.device import CPU, describe_device, resolve_device
+from edge_tl.distributed import checked_on_every_rank, is_main_process, process_group
 from edge_tl.errors import DatasetError
 from edge_tl.features import cache_features, predict_logits, resolve_runtime, trunk_features
 from edge_tl.finetune_config import FinetuneConfig, validate_inputs
@@ -192,18 +198,30 @@ def fit_operating_point(model: nn.Module, records, views: torch.Tensor | None, c
 
 
 def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = FinetuneConfig(), force: bool = False) -> FinetuneResult:
-    """Fine-tune a pretrained backbone on an ImageFolder; write a run directory (under its lock)."""
+    """Fine-tune a pretrained backbone on an ImageFolder; write a run directory (under its lock).
+
+    Under torchrun every rank checks the inputs and computes; rank 0 alone locks, checks and writes ``out``
+    (a failed check on any rank stops every rank with that error), the others write nothing.
+    """
     started = time.perf_counter()
     data_dir, out = Path(data_dir), Path(out)
-    with run_lock(out):
-        spec, scan = validate_inputs(data_dir, out, cfg, force)
-        return _finetune(data_dir, out, cfg, force, spec, scan, started)
+    with process_group(resolve_device(cfg.device)) as (rank, world), contextlib.ExitStack() as held:
+        def check():
+            if is_main_process():
+                held.enter_context(run_lock(out))
+            return validate_inputs(data_dir, out if is_main_process() else None, cfg, force)
+
+        spec, scan = checked_on_every_rank(check)
+        if world > 1:
+            log.info("finetune: rank %d of %d (%s)", rank, world, "writes the run" if rank == 0 else "writes nothing")
+        return _finetune(data_dir, out, cfg, force, spec, scan, started, world)
 
 
 def _finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, force: bool, spec: BackboneSpec, scan,
-              started: float) -> FinetuneResult:
+              started: float, world_size: int = 1) -> FinetuneResult:
     img_size = cfg.resolved_img_size(spec)
     train, val = split_records(scan.records, cfg.val_fraction, cfg.seed, cfg.group_pattern, scan.classes)
+    torch.manual_seed(cfg.seed)  # the new head's initial weights: the same in every run and on every torchrun rank
     model = build_model(spec, num_classes=len(scan.classes), img_size=img_size, pretrained=cfg.pretrained,
                         weights=cfg.weights)
     device = resolve_device(cfg.device)
@@ -243,14 +261,16 @@ def _finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, force: bool, spec:
         "config": asdict(cfg),
         "trunk_device": describe_device(device),
         "trunk_runtime": resolve_runtime(cfg.trunk_runtime, device),
+        "world_size": world_size,  # processes that computed the run (torchrun ranks; 1: one process)
         "operating_point": point,
         "history": history,
         "versions": library_versions("torchvision", "timm", "onnxruntime"),
     }
-    with staged_run_dir(out, force) as staging:
-        save_weights(staging / "model.safetensors", model.state_dict(), {"backbone": spec.name})
-        atomic_write_json(staging / "metrics.json", metrics)
-        atomic_write_json(staging / "run.json", run_info)
+    if is_main_process():
+        with staged_run_dir(out, force) as staging:
+            save_weights(staging / "model.safetensors", model.state_dict(), {"backbone": spec.name})
+            atomic_write_json(staging / "metrics.json", metrics)
+            atomic_write_json(staging / "run.json", run_info)
     return FinetuneResult(out, metrics, history, time.perf_counter() - started, seconds_per_epoch)
 
 

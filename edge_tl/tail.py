@@ -14,6 +14,11 @@ The frozen prefix (every block before the tail) is a fixed function, so its acti
 once per image view (:func:`edge_tl.features.cache_features` over :func:`frozen_prefix`): an epoch
 costs only the tail. The layer below :mod:`edge_tl.finetune` and :mod:`edge_tl.crossval`, which
 both train tails with :func:`train_tail`.
+
+Under torchrun (:mod:`edge_tl.distributed`) the tail trains with DistributedDataParallel: every rank
+draws the same permutation and views, takes its shard of each minibatch, and scales its share of
+the loss so that the averaged gradients are one process's; the probe and the scoring run on every
+rank alike, and early stopping follows rank 0.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from torch import nn
 
 from edge_tl import data as data_mod
 from edge_tl.device import CPU
+from edge_tl.distributed import from_first_rank, group_rank, is_active, shard_bounds, sum_over_ranks
 from edge_tl.errors import ConfigError
 from edge_tl.features import batched
 from edge_tl.head import Standardize, fold_standardization, lbfgs_epoch
@@ -146,7 +152,8 @@ def train_tail(tail: TrainableTail, cache: torch.Tensor, labels: np.ndarray, fit
     random view per image and step, blocks in eval mode. After each epoch the plain view of ``stop`` is
     scored; epoch 0 is the probe itself, so a tail that only gets worse is never kept. ``cfg.patience``
     epochs without a better (balanced accuracy, then lower loss) end training. The standardisation is
-    folded into ``tail.head`` at the end; the tail is back on the CPU, in eval mode.
+    folded into ``tail.head`` at the end; the tail is back on the CPU, in eval mode. Under a process group
+    (torchrun) the fine-tuning steps run data-parallel (:func:`_data_parallel`), with one process's result.
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -175,7 +182,11 @@ def train_tail(tail: TrainableTail, cache: torch.Tensor, labels: np.ndarray, fit
         groups.append({"params": block_params, "lr": cfg.lr * cfg.unfreeze_lr_ratio, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weight.to(device), label_smoothing=cfg.label_smoothing)
+    # per image, so that a rank's shard of a minibatch gives its share of the minibatch's weighted mean
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight.to(device), label_smoothing=cfg.label_smoothing,
+                                  reduction="none")
+    trained = _data_parallel(network, device)
+    rank, world = group_rank()
     stop_cache, stop_labels = cache[0, torch.from_numpy(stop)], labels[stop]
 
     @torch.no_grad()
@@ -183,6 +194,7 @@ def train_tail(tail: TrainableTail, cache: torch.Tensor, labels: np.ndarray, fit
         logits = tail_logits(network, stop_cache, device)
         loss = float(nn.functional.cross_entropy(logits, torch.from_numpy(stop_labels)))
         bal = classification_metrics(stop_labels, logits.argmax(1).numpy(), classes)["balanced_accuracy"]
+        bal, loss = from_first_rank([bal, loss])  # every rank decides as rank 0 does
         history.append({"epoch": epoch, "train_loss": train_loss, "stop_loss": loss, "stop_balanced_accuracy": bal,
                         "l2sp_distance": float(l2sp_penalty(block_params, reference, 1.0)) if block_params else 0.0})
         return bal, -loss
@@ -192,22 +204,27 @@ def train_tail(tail: TrainableTail, cache: torch.Tensor, labels: np.ndarray, fit
     best_state = copy.deepcopy(network.state_dict())
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
-        network.train()
+        trained.train()
         tail.blocks.eval()  # BatchNorm statistics never move
         losses = []
         for idx in batched(fit[rng.permutation(len(fit))], cfg.batch_size):
-            view = torch.from_numpy(rng.integers(0, views, size=len(idx)))
-            batch = cache[view, torch.from_numpy(idx)].to(device)
+            view = torch.from_numpy(rng.integers(0, views, size=len(idx)))  # drawn for the whole minibatch
+            first, last = shard_bounds(len(idx), rank, world)
+            batch = cache[view[first:last], torch.from_numpy(idx[first:last])].to(device)
+            # this rank's share of the minibatch's class-weighted mean cross-entropy
+            share = (loss_fn(trained(batch), targets[idx[first:last]].to(device)).sum()
+                     / class_weight[targets[idx]].sum().to(device))
             # the probe's objective (its L2 toward zero on the head): fine-tuning starts at the head's optimum
-            loss = loss_fn(network(batch), targets[idx].to(device)) + cfg.head_l2 * tail.head.weight.pow(2).sum()
+            head_penalty = cfg.head_l2 * tail.head.weight.pow(2).sum()
             optimizer.zero_grad()
-            loss.backward()
+            (share * world + head_penalty).backward()  # DDP averages the ranks' gradients: one process's
             optimizer.step()
+            objective = sum_over_ranks(share.item()) + head_penalty.item()
             if block_params:
                 l2sp_proximal_step(block_params, reference, cfg.l2sp, optimizer.param_groups[1]["lr"])
                 with torch.no_grad():
-                    loss = loss + l2sp_penalty(block_params, reference, cfg.l2sp)
-            losses.append(loss.item())  # the objective: cross-entropy plus the L2-SP penalty
+                    objective += float(l2sp_penalty(block_params, reference, cfg.l2sp))
+            losses.append(objective)  # cross-entropy plus the head's L2 and the L2-SP penalty
         scheduler.step()
         epoch_seconds.append(time.perf_counter() - start)
         key = score(epoch, float(np.mean(losses)))
@@ -224,6 +241,17 @@ def train_tail(tail: TrainableTail, cache: torch.Tensor, labels: np.ndarray, fit
     network.cpu().eval()
     fold_standardization(tail.head, standardize)
     return TailFit(history, best_epoch, float(np.mean(epoch_seconds)) if epoch_seconds else 0.0, str(device))
+
+
+def _data_parallel(network: nn.Module, device: torch.device) -> nn.Module:
+    """``network`` wrapped in DistributedDataParallel under an active process group, else ``network``.
+    The wrapper broadcasts rank 0's parameters and buffers (BatchNorm statistics, the standardisation: equal
+    on every rank already) and averages gradients over the ranks after each backward pass."""
+    if not is_active():
+        return network
+    rank, world = group_rank()
+    log.info("tail: DistributedDataParallel on rank %d of %d (%s)", rank, world, device)
+    return nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 class _StandardizedTail(nn.Module):
