@@ -159,6 +159,17 @@ def finished_row(trial: Trial, fingerprint: str) -> dict | None:
     return record["row"]
 
 
+def reused_row(trial: Trial, dataset_sha256: str) -> dict | None:
+    """The row of a trial that already finished with this recipe and dataset (status ``reused``), else None."""
+    from edge_tl.recipe import recipe_from_dict
+
+    if trial.error is not None:
+        return None
+    fingerprint = trial_fingerprint(recipe_from_dict(trial.overrides, f"trial {trial.name!r}").to_yaml(), dataset_sha256)
+    row = finished_row(trial, fingerprint)
+    return None if row is None else {**row, "status": "reused"}
+
+
 def run_trial(data_dir: str, trial: Trial, dataset_sha256: str, threads: int | None = None,
               concurrent: bool = False) -> dict:
     """One trial: its row (reused when finished with the same fingerprint, else from running the chain).
@@ -174,9 +185,9 @@ def run_trial(data_dir: str, trial: Trial, dataset_sha256: str, threads: int | N
     try:
         recipe = recipe_from_dict(trial.overrides, f"trial {trial.name!r}")
         fingerprint = trial_fingerprint(recipe.to_yaml(), dataset_sha256)
-        reused = finished_row(trial, fingerprint)
+        reused = reused_row(trial, dataset_sha256)
         if reused is not None:
-            return {**reused, "status": "reused"}
+            return reused
         if threads:
             import torch
 
@@ -245,12 +256,16 @@ def sweep(data_dir: str | Path, grid: str | Path, out: str | Path, base_recipe: 
     with run_lock(out):
         trials = plan_trials(points, out, base_recipe)
         dataset_sha256 = dataset_fingerprint(data_dir)
-        if scheduler == "ray":
+        done = {trial.name: reused_row(trial, dataset_sha256) for trial in trials}  # no trial started for these
+        pending = [trial for trial in trials if done[trial.name] is None]
+        if scheduler == "ray" and pending:
             from edge_tl.sweep_ray import run_ray_trials
 
-            rows = run_ray_trials(str(data_dir), trials, dataset_sha256, out, workers, address)
+            ran = run_ray_trials(str(data_dir), pending, dataset_sha256, out, workers, address)
         else:
-            rows = [run_trial(str(data_dir), trial, dataset_sha256) for trial in trials]
+            ran = [run_trial(str(data_dir), trial, dataset_sha256) for trial in pending]
+        by_name = {row["name"]: row for row in ran}
+        rows = [done[trial.name] or by_name[trial.name] for trial in trials]
         rows = [bench_alone(row) if row["status"] != "failed" and not row.get("benched_alone", True) else row
                 for row in rows]
         record = {"format": "edge-tl-sweep", "version": 1, "data_dir": str(data_dir.resolve()),
