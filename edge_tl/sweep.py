@@ -17,7 +17,7 @@ trial resumes) and leaves ``trial.json`` there: its fingerprint (the resolved re
 dataset's bytes) and its row. A trial whose ``trial.json`` has the current fingerprint is reused, not
 run again. Trials that ran side by side (more than one worker) are benched again one at a time
 afterwards (:func:`bench_alone`), so that their latencies are comparable. A trial whose recipe is invalid, or whose run fails with an edge-tl error, is a row with
-its one-line error; the others go on. Trials run as Ray Tune trials when Ray is installed
+its one-line error; the others go on (one trial: :mod:`edge_tl.sweep_trial`). Trials run as Ray Tune trials when Ray is installed
 (:mod:`edge_tl.sweep_ray`), else one after the other in this process. The table, the best trial
 within a latency budget and the Pareto plot: :mod:`edge_tl.sweep_report`.
 """
@@ -27,27 +27,15 @@ import itertools
 import logging
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_tl.artifacts import atomic_write_json, read_json, sha256_text
 from edge_tl.errors import ConfigError, EdgeTLError
+from edge_tl.sweep_trial import Trial, bench_alone, reused_row, run_trial
 
 log = logging.getLogger(__name__)
 
-TRIAL_FILE = "trial.json"
 SCHEDULERS = ("auto", "ray", "sequential")
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One point of the grid: its name, run directory and partial recipe (``error``: why it cannot run)."""
-
-    name: str
-    run_dir: str
-    overrides: dict
-    error: str | None = None
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -142,81 +130,6 @@ def plan_trials(points: list[tuple[str, dict]], out: Path, base_recipe: dict | N
             error = str(err)
         trials.append(Trial(name, str(out / "trials" / _slug(name)), merged, error))
     return trials
-
-
-def trial_fingerprint(recipe_yaml: str, dataset_sha256: str) -> str:
-    return sha256_text([recipe_yaml, dataset_sha256])
-
-
-def finished_row(trial: Trial, fingerprint: str) -> dict | None:
-    """The row a finished trial left in its ``trial.json`` when its fingerprint is current and its run is there."""
-    path = Path(trial.run_dir) / TRIAL_FILE
-    if not path.is_file():
-        return None
-    record = read_json(path)
-    if record.get("fingerprint") != fingerprint or not (Path(trial.run_dir) / "bench.json").is_file():
-        return None
-    return record["row"]
-
-
-def reused_row(trial: Trial, dataset_sha256: str) -> dict | None:
-    """The row of a trial that already finished with this recipe and dataset (status ``reused``), else None."""
-    from edge_tl.recipe import recipe_from_dict
-
-    if trial.error is not None:
-        return None
-    fingerprint = trial_fingerprint(recipe_from_dict(trial.overrides, f"trial {trial.name!r}").to_yaml(), dataset_sha256)
-    row = finished_row(trial, fingerprint)
-    return None if row is None else {**row, "status": "reused"}
-
-
-def run_trial(data_dir: str, trial: Trial, dataset_sha256: str, threads: int | None = None,
-              concurrent: bool = False) -> dict:
-    """One trial: its row (reused when finished with the same fingerprint, else from running the chain).
-    ``concurrent``: other trials run beside it, so its bench is not alone (``benched_alone`` False until
-    :func:`bench_alone`). An edge-tl error is the row's ``error``, never raised."""
-    from edge_tl.pipeline import run_pipeline
-    from edge_tl.recipe import recipe_from_dict
-    from edge_tl.sweep_report import trial_row
-
-    started = time.perf_counter()
-    if trial.error is not None:
-        return {"name": trial.name, "status": "failed", "error": trial.error, "run_dir": trial.run_dir}
-    try:
-        recipe = recipe_from_dict(trial.overrides, f"trial {trial.name!r}")
-        fingerprint = trial_fingerprint(recipe.to_yaml(), dataset_sha256)
-        reused = reused_row(trial, dataset_sha256)
-        if reused is not None:
-            return reused
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        run_pipeline(data_dir, trial.run_dir, recipe)
-        row = {**trial_row(trial.name, Path(trial.run_dir)), "seconds": round(time.perf_counter() - started, 3),
-               "benched_alone": not concurrent}
-        atomic_write_json(Path(trial.run_dir) / TRIAL_FILE, {"fingerprint": fingerprint, "row": row})
-        return row
-    except EdgeTLError as err:
-        return {"name": trial.name, "status": "failed", "error": str(err).splitlines()[0], "run_dir": trial.run_dir}
-
-
-def bench_alone(row: dict) -> dict:
-    """A finished trial benched again with nothing else running (its recipe's bench settings) and its report
-    rewritten: trials that ran side by side timed their artifacts under each other's load (on the demo set
-    with two workers on two cores, 2.3-3x slower)."""
-    from edge_tl.bench import benchmark
-    from edge_tl.recipe import load_recipe
-    from edge_tl.report import write_report
-    from edge_tl.sweep_report import trial_row
-
-    run_dir = Path(row["run_dir"])
-    benchmark(run_dir, load_recipe(run_dir / "recipe.yaml").config("bench"))
-    write_report(run_dir)
-    record = read_json(run_dir / TRIAL_FILE)
-    fresh = {**trial_row(row["name"], run_dir), "seconds": row.get("seconds"), "benched_alone": True}
-    atomic_write_json(run_dir / TRIAL_FILE, {**record, "row": fresh})
-    return {**fresh, "status": row["status"]}
 
 
 def ray_importable() -> bool:

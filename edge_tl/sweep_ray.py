@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from edge_tl.errors import BackendUnavailableError
-from edge_tl.sweep import Trial, run_trial
+from edge_tl.sweep_trial import Trial, run_trial
 
 log = logging.getLogger(__name__)
 
