@@ -17,7 +17,7 @@ from edge_tl.artifacts import atomic_write_json, read_json, save_weights, sha256
 from edge_tl.errors import ArtifactError, BackendUnavailableError, ConfigError
 from edge_tl.finetune import FinetuneConfig, finetune, load_checkpoint, run_records
 from edge_tl.fold import fold_batchnorm
-from export.onnx_export import parity_input
+from export.onnx_export import PARITY_TOLERANCE, parity_input
 from export.onnx_metadata import ort_session, read_onnx_metadata
 from export.stage import ExportConfig, artifact_name, export_artifact, validate_config
 from export.tensorrt_build import check_qdq_for_tensorrt
@@ -75,12 +75,13 @@ def test_exports_write_named_files_and_manifests(run_dir, exported):
         assert on_disk["metadata"] == metadata
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     assert exported["fp32"]["max_abs_diff"] <= 1e-4
-    # FP16 error grows with the logits' magnitude: bound it at 1e-2 of the largest logit (and absolute 1e-2 below 1).
+    # FP16 error grows with the logits' magnitude: the export's stated tolerance, 2e-2 of the largest logit on the
+    # parity input (at least 1); over seven heads of this fixture it measured 0.2-1.7 % of the scale
     model, _ = load_checkpoint(run_dir)
     with torch.no_grad():
         logit_scale = max(1.0, float(model(torch.from_numpy(parity_input(PX, 2))).abs().max()))
-    assert exported["fp16"]["max_abs_diff"] <= 1e-2 * logit_scale
-    assert exported["fp16"]["max_abs_diff_vs_fp32"] <= 1e-2 * logit_scale
+    assert exported["fp16"]["max_abs_diff"] <= PARITY_TOLERANCE["fp16"] * logit_scale
+    assert exported["fp16"]["max_abs_diff_vs_fp32"] <= PARITY_TOLERANCE["fp16"] * logit_scale
     assert exported["fp16"]["size_bytes"] < 0.55 * exported["fp32"]["size_bytes"]
     assert exported["int8"]["size_bytes"] < exported["fp32"]["size_bytes"] / 3.0
 
@@ -109,7 +110,14 @@ def test_int8_manifest_names_its_calibration(run_dir, exported):
     assert manifest["int8"]["float_activations"] == []
     # helpers.write_ptq_calibration records every layer, the head included: all of them are quantized
     assert manifest["int8"]["float_layers"] == [] and manifest["calibration"]["float_modules"] == []
-    assert manifest["top1_agreement"] >= 0.5 and 0.0 < manifest["max_abs_diff"] < logit_scale
+    assert 0.0 < manifest["max_abs_diff"] <= PARITY_TOLERANCE["int8"] * logit_scale  # the export's stated tolerance
+    # top-1 agreement on the validation images (on the noise parity input the tiny head's logits nearly tie)
+    images = data_mod.load_tensor_batch(run_records(read_json(run_dir / "run.json"), "val"), PX,
+                                        *(read_json(run_dir / "run.json")[key] for key in ("mean", "std")))
+    with torch.no_grad():
+        float_top1 = model(torch.from_numpy(images)).numpy().argmax(1)
+    got = ort_session(manifest["path"]).run(None, {"input": images})[0]
+    assert np.mean(got.argmax(1) == float_top1) >= 0.5
 
 
 def test_golden_image_through_onnx_metadata(run_dir, exported, surface_dataset, tmp_path):
@@ -166,8 +174,8 @@ def test_float_head_calibration_exports_a_float_gemm_in_both_flavours(run_dir, e
         floats = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
         assert gemm.input[1] in floats and gemm.input[2] in floats  # weight and bias read directly, no Q/DQ
         got = ort_session(manifest["path"]).run(None, {"input": images})[0]
-        # the bounds of the all-int8 export above: this tiny 64 px model quantizes coarsely (5-8 of 8 agree)
-        assert manifest["top1_agreement"] >= 0.5 and np.mean(got.argmax(1) == float_logits.argmax(1)) >= 0.5
+        # the bound of the all-int8 export above: this tiny 64 px model quantizes coarsely (5-8 of 8 agree)
+        assert np.mean(got.argmax(1) == float_logits.argmax(1)) >= 0.5
     ops = read_json(run / "export" / "model.float.int8.onnx.json")["int8"]["ort_ops"]
     assert ops.get("QLinearConv") == manifest["int8"]["quantized_weights"] and "QGemm" not in ops
     check_qdq_for_tensorrt(onnx.load(manifest["path"]))  # the TensorRT flavour is still symmetric int8 throughout
