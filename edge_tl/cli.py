@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +35,8 @@ err_console = Console(stderr=True)
 def cli(verbose: bool) -> None:
     """edge-tl: fine-tune, compress, export and verify defect-detection models for edge devices."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # under torchrun every rank runs the command; rank 0 alone prints its tables (and alone writes: the stages)
+    console.quiet = os.environ.get("WORLD_SIZE", "1") != "1" and os.environ.get("RANK", "0") != "0"
 
 
 TRUNK_RUNTIME_OPTION = click.option(

@@ -124,6 +124,7 @@ def test_finetune_under_torchrun_writes_one_run_with_the_head_of_one_process(sur
     output = _succeeded(_torchrun(parallel, "-m", "edge_tl", "-v", "finetune", str(surface_dataset), "--out",
                                   str(parallel / "run"), *FINETUNE))
     assert "finetune: rank 0 of 2 (writes the run)" in output and "finetune: rank 1 of 2 (writes nothing)" in output
+    assert output.count("finetune took") == 1  # rank 0 alone prints the command's tables
     assert main(["finetune", str(surface_dataset), "--out", str(single / "run"), *FINETUNE]) == 0
     # rank 0 wrote the run; no lock, staging folder or second copy is left beside it
     assert sorted(path.name for path in parallel.iterdir()) == ["run"]
