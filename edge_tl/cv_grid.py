@@ -28,7 +28,7 @@ from edge_tl.distributed import is_main_process
 from edge_tl.errors import ConfigError
 from edge_tl.finetune_config import FinetuneConfig
 from edge_tl.out_of_fold import DEFAULT_FOLDS
-from edge_tl.recipe import coerce_value
+from edge_tl.recipe import coerce_value, read_yaml_file
 
 
 def grid_recipes(raw: Any, base: FinetuneConfig, source: str = "grid") -> list[tuple[str, FinetuneConfig]]:
@@ -58,15 +58,7 @@ def grid_recipes(raw: Any, base: FinetuneConfig, source: str = "grid") -> list[t
 
 def load_grid(path: str | Path, base: FinetuneConfig) -> list[tuple[str, FinetuneConfig]]:
     """The recipes of a grid YAML file (:func:`grid_recipes`)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file {path} does not exist; pass a YAML list of recipe overrides")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"grid file {path} is not valid YAML ({str(err).splitlines()[0]}); fix its syntax") from err
+    raw = read_yaml_file(path, "grid file", "pass a YAML list of recipe overrides")
     return grid_recipes(raw, base, str(path))
 
 

@@ -178,16 +178,22 @@ def load_recipe(path: str | os.PathLike | None) -> Recipe:
     """The recipe in ``path`` (YAML), or the defaults when ``path`` is None."""
     if path is None:
         return recipe_from_dict({})
+    return recipe_from_dict(read_yaml_file(path, "recipe", "pass an existing YAML file or leave --recipe out"),
+                            str(path))
+
+
+def read_yaml_file(path: str | os.PathLike, kind: str, what_to_pass: str) -> Any:
+    """The parsed YAML of a user's file (a recipe, a grid), or a one-line ConfigError naming the ``kind`` of
+    file and, when it is missing, ``what_to_pass``."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist; pass an existing YAML file or leave --recipe out")
+        raise ConfigError(f"{kind} {path} does not exist; {what_to_pass}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML ({str(err).splitlines()[0]}); fix its syntax") from err
-    return recipe_from_dict(raw, str(path))
+        raise ConfigError(f"{kind} {path} is not valid YAML ({str(err).splitlines()[0]}); fix its syntax") from err
 
 
 def with_ok_class(recipe: Recipe, ok_class: str | None) -> Recipe:
