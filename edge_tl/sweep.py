@@ -104,15 +104,9 @@ def grid_points(raw: Any, source: str = "grid") -> list[tuple[str, dict]]:
 
 def load_grid(path: str | Path) -> list[tuple[str, dict]]:
     """The points of a grid YAML file (:func:`grid_points`)."""
-    import yaml
+    from edge_tl.recipe import read_yaml_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file {path} does not exist; pass a YAML file with trials or grid (README, 'Sweeps')")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"grid file {path} is not valid YAML ({str(err).splitlines()[0]}); fix its syntax") from err
+    raw = read_yaml_file(path, "grid file", "pass a YAML file with trials or grid (README, 'Sweeps')")
     return grid_points(raw, str(path))
 
 
@@ -130,12 +124,6 @@ def plan_trials(points: list[tuple[str, dict]], out: Path, base_recipe: dict | N
             error = str(err)
         trials.append(Trial(name, str(out / "trials" / _slug(name)), merged, error))
     return trials
-
-
-def ray_importable() -> bool:
-    from edge_tl.install_profile import importable
-
-    return importable("ray")
 
 
 def sweep(data_dir: str | Path, grid: str | Path, out: str | Path, base_recipe: dict | None = None,
@@ -158,7 +146,9 @@ def sweep(data_dir: str | Path, grid: str | Path, out: str | Path, base_recipe: 
     points = load_grid(grid)
     scan_image_folder(data_dir)  # a bad dataset is one error, not one per trial
     if scheduler == "auto":
-        scheduler = "ray" if ray_importable() else "sequential"
+        from edge_tl.install_profile import importable
+
+        scheduler = "ray" if importable("ray") else "sequential"
         if scheduler == "sequential":
             log.warning("Ray is not installed: the %d trials run one after the other (pip install 'edge-tl[scale]' "
                         "to run them as Ray Tune trials)", len(points))

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from edge_tl.errors import BackendUnavailableError
-from edge_tl.sweep_trial import Trial, run_trial
+from edge_tl.sweep_report import ROW_KEYS
+from edge_tl.sweep_trial import Trial, failed_row, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +64,13 @@ def run_ray_trials(data_dir: str, trials: list[Trial], dataset_sha256: str, out:
             index = result.config["config"]["index"]
             if result.error is not None:
                 message = str(result.error).strip().splitlines()
-                rows[index] = {"name": trials[index].name, "status": "failed", "run_dir": trials[index].run_dir,
-                               "error": f"trial crashed: {message[-1] if message else type(result.error).__name__}"}
+                rows[index] = failed_row(trials[index], "trial crashed: "
+                                         + (message[-1] if message else type(result.error).__name__))
             else:
-                rows[index] = {key: value for key, value in result.metrics.items() if key in _ROW_KEYS}
-        return [row if row is not None else {"name": trial.name, "status": "failed", "run_dir": trial.run_dir,
-                                             "error": "Ray returned no result for this trial"}
+                rows[index] = {key: value for key, value in result.metrics.items() if key in ROW_KEYS}
+        return [row if row is not None else failed_row(trial, "Ray returned no result for this trial")
                 for row, trial in zip(rows, trials)]
     finally:
         if address is None:
             ray.shutdown()
 
-
-_ROW_KEYS = ("name", "status", "artifact", "backend", "latency_ms_p50", "balanced_accuracy", "escape_rate",
-             "verdict", "verdicts", "seconds", "benched_alone", "run_dir", "error")

@@ -16,8 +16,8 @@ from pathlib import Path
 from edge_tl.artifacts import atomic_write_json, atomic_write_text, read_json
 
 SWEEP_JSON, SWEEP_CSV, SWEEP_PNG = "sweep.json", "sweep.csv", "sweep_pareto.png"
-CSV_COLUMNS = ("name", "status", "artifact", "latency_ms_p50", "balanced_accuracy", "escape_rate", "verdict",
-               "verdicts", "seconds", "run_dir", "error")
+ROW_KEYS = ("name", "status", "artifact", "backend", "latency_ms_p50", "balanced_accuracy", "escape_rate",
+            "verdict", "verdicts", "seconds", "benched_alone", "run_dir", "error")  # a trial's row; the CSV's columns
 
 
 def trial_row(name: str, run_dir: Path) -> dict:
@@ -47,10 +47,10 @@ def best_trial(rows: list[dict], max_latency_ms: float | None) -> dict | None:
 
 def sweep_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=ROW_KEYS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: row.get(key) for key in CSV_COLUMNS})
+        writer.writerow({key: row.get(key) for key in ROW_KEYS})
     return buffer.getvalue()
 
 

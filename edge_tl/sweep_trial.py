@@ -26,30 +26,36 @@ class Trial:
     error: str | None = None
 
 
-def trial_fingerprint(recipe_yaml: str, dataset_sha256: str) -> str:
-    return sha256_text([recipe_yaml, dataset_sha256])
+def _recipe_and_fingerprint(trial: Trial, dataset_sha256: str):
+    """The trial's resolved recipe and its fingerprint: the recipe's YAML and the dataset's sha256."""
+    from edge_tl.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(trial.overrides, f"trial {trial.name!r}")
+    return recipe, sha256_text([recipe.to_yaml(), dataset_sha256])
 
 
-def finished_row(trial: Trial, fingerprint: str) -> dict | None:
-    """The row a finished trial left in its ``trial.json`` when its fingerprint is current and its run is there."""
+def _finished_row(trial: Trial, fingerprint: str) -> dict | None:
+    """The row a finished trial left in its ``trial.json`` (status ``reused``) when its fingerprint is current
+    and its run is there, else None."""
     path = Path(trial.run_dir) / TRIAL_FILE
     if not path.is_file():
         return None
     record = read_json(path)
     if record.get("fingerprint") != fingerprint or not (Path(trial.run_dir) / "bench.json").is_file():
         return None
-    return record["row"]
+    return {**record["row"], "status": "reused"}
 
 
 def reused_row(trial: Trial, dataset_sha256: str) -> dict | None:
     """The row of a trial that already finished with this recipe and dataset (status ``reused``), else None."""
-    from edge_tl.recipe import recipe_from_dict
-
     if trial.error is not None:
         return None
-    fingerprint = trial_fingerprint(recipe_from_dict(trial.overrides, f"trial {trial.name!r}").to_yaml(), dataset_sha256)
-    row = finished_row(trial, fingerprint)
-    return None if row is None else {**row, "status": "reused"}
+    return _finished_row(trial, _recipe_and_fingerprint(trial, dataset_sha256)[1])
+
+
+def failed_row(trial: Trial, error: str) -> dict:
+    """The row of a trial that could not run or failed: its one-line ``error``."""
+    return {"name": trial.name, "status": "failed", "error": error, "run_dir": trial.run_dir}
 
 
 def run_trial(data_dir: str, trial: Trial, dataset_sha256: str, threads: int | None = None,
@@ -58,16 +64,14 @@ def run_trial(data_dir: str, trial: Trial, dataset_sha256: str, threads: int | N
     ``concurrent``: other trials run beside it, so its bench is not alone (``benched_alone`` False until
     :func:`bench_alone`). An edge-tl error is the row's ``error``, never raised."""
     from edge_tl.pipeline import run_pipeline
-    from edge_tl.recipe import recipe_from_dict
     from edge_tl.sweep_report import trial_row
 
     started = time.perf_counter()
     if trial.error is not None:
-        return {"name": trial.name, "status": "failed", "error": trial.error, "run_dir": trial.run_dir}
+        return failed_row(trial, trial.error)
     try:
-        recipe = recipe_from_dict(trial.overrides, f"trial {trial.name!r}")
-        fingerprint = trial_fingerprint(recipe.to_yaml(), dataset_sha256)
-        reused = reused_row(trial, dataset_sha256)
+        recipe, fingerprint = _recipe_and_fingerprint(trial, dataset_sha256)
+        reused = _finished_row(trial, fingerprint)
         if reused is not None:
             return reused
         if threads:
@@ -80,7 +84,7 @@ def run_trial(data_dir: str, trial: Trial, dataset_sha256: str, threads: int | N
         atomic_write_json(Path(trial.run_dir) / TRIAL_FILE, {"fingerprint": fingerprint, "row": row})
         return row
     except EdgeTLError as err:
-        return {"name": trial.name, "status": "failed", "error": str(err).splitlines()[0], "run_dir": trial.run_dir}
+        return failed_row(trial, str(err).splitlines()[0])
 
 
 def bench_alone(row: dict) -> dict:
