@@ -51,7 +51,7 @@ setup(
         # Jetson (aarch64): JetPack's TensorRT through --system-site-packages, never the registry's
         "tensorrt": ['tensorrt; platform_machine == "x86_64"', "pycuda"],
         "scale": SCALE_REQUIRES,
-        "dev": ["pytest>=7.4", "scikit-image>=0.21", "mypy>=1.10"] + SCALE_REQUIRES,
+        "dev": ["pytest>=7.4", "pytest-xdist>=3.5", "scikit-image>=0.21", "mypy>=1.10"] + SCALE_REQUIRES,
     },
     entry_points={"console_scripts": ["edge-tl=edge_tl.cli:main"]},
 )

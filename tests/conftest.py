@@ -1,6 +1,7 @@
 """Shared fixtures: a small generated surface dataset, and the real magnetic-tile data when present."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,10 @@ import torch
 
 from edge_tl.synthetic import make_surface_dataset
 
-torch.set_num_threads(2)
+# The suite runs on pytest-xdist workers (README: `-n 2`): the cores are shared out between them, so two
+# workers on the 2-core CI machine each take one thread instead of fighting over two.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 MAGNETIC_TILE_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic-tile"
 SURFACE_CLASSES = ("ok", "scratch", "spot", "crack")
