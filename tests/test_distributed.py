@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve().parent / "distributed_features_script.py"
 FINETUNE = ["--img-size", "64", "--epochs", "3", "--augmented-views", "1", "--ok-class", "ok"]
-UNFROZEN = ["--img-size", "64", "--epochs", "2", "--augmented-views", "1", "--unfreeze", "1"]
+UNFROZEN = ["--img-size", "64", "--epochs", "2", "--augmented-views", "1", "--unfreeze", "1", "--ok-class", "ok"]
 
 
 def _torchrun(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
@@ -118,39 +118,27 @@ def test_ddp_tail_trains_as_one_process(torchrun_script, surface_dataset, one_th
     assert _max_difference(tail, {key: reference[key] for key in tail}) <= 1e-5
 
 
-def test_finetune_under_torchrun_writes_one_run_with_the_head_of_one_process(surface_dataset, tmp_path, one_thread):
-    parallel, single = tmp_path / "parallel", tmp_path / "single"
-    parallel.mkdir()
-    output = _succeeded(_torchrun(parallel, "-m", "edge_tl", "-v", "finetune", str(surface_dataset), "--out",
-                                  str(parallel / "run"), *FINETUNE))
-    assert "finetune: rank 0 of 2 (writes the run)" in output and "finetune: rank 1 of 2 (writes nothing)" in output
-    assert output.count("finetune took") == 1  # rank 0 alone prints the command's tables
-    assert main(["finetune", str(surface_dataset), "--out", str(single / "run"), *FINETUNE]) == 0
-    # rank 0 wrote the run; no lock, staging folder or second copy is left beside it
-    assert sorted(path.name for path in parallel.iterdir()) == ["run"]
-    assert sorted(path.name for path in (parallel / "run").iterdir()) == ["metrics.json", "model.safetensors", "run.json"]
-    weights, expected = load_file(parallel / "run" / "model.safetensors"), load_file(single / "run" / "model.safetensors")
-    assert _max_difference({k: v for k, v in weights.items() if k.startswith("head.")},
-                           {k: v for k, v in expected.items() if k.startswith("head.")}) <= 1e-5
-    assert all(torch.equal(weights[key], expected[key]) for key in expected if key.startswith("trunk."))
-    assert json.loads((parallel / "run" / "metrics.json").read_text()) == json.loads((single / "run" / "metrics.json").read_text())
-    run_info, reference_info = (json.loads((folder / "run" / "run.json").read_text()) for folder in (parallel, single))
-    assert (run_info["world_size"], reference_info["world_size"]) == (2, 1)
-    _histories_agree(run_info["history"], reference_info["history"])
-
-
-def test_unfrozen_tail_finetune_under_torchrun_trains_with_ddp(surface_dataset, tmp_path, one_thread):
+def test_finetune_under_torchrun_writes_one_run_of_one_process(surface_dataset, tmp_path, one_thread):
+    """`finetune --unfreeze 1`: the frozen prefix cached in shards, a DDP tail, rank 0 alone writes the run,
+    and the run holds the weights, metrics and history one process gets."""
     parallel, single = tmp_path / "parallel", tmp_path / "single"
     parallel.mkdir()
     output = _succeeded(_torchrun(parallel, "-m", "edge_tl", "-v", "finetune", str(surface_dataset), "--out",
                                   str(parallel / "run"), *UNFROZEN))
+    assert "finetune: rank 0 of 2 (writes the run)" in output and "finetune: rank 1 of 2 (writes nothing)" in output
     assert all(f"tail: DistributedDataParallel on rank {rank} of 2 (cpu)" in output for rank in range(2))
-    assert sorted(path.name for path in parallel.iterdir()) == ["run"]
+    assert output.count("finetune took") == 1  # rank 0 alone prints the command's tables
     assert main(["finetune", str(surface_dataset), "--out", str(single / "run"), *UNFROZEN]) == 0
+    # rank 0 wrote the run; no lock, staging folder or second copy is left beside it
+    assert sorted(path.name for path in parallel.iterdir()) == ["run"]
+    assert sorted(path.name for path in (parallel / "run").iterdir()) == ["metrics.json", "model.safetensors", "run.json"]
+    weights, expected = load_file(parallel / "run" / "model.safetensors"), load_file(single / "run" / "model.safetensors")
+    assert _max_difference(weights, expected) <= 1e-5
+    assert json.loads((parallel / "run" / "metrics.json").read_text()) == json.loads((single / "run" / "metrics.json").read_text())
     run_info, reference_info = (json.loads((folder / "run" / "run.json").read_text()) for folder in (parallel, single))
+    assert (run_info["world_size"], reference_info["world_size"]) == (2, 1)
     assert [row["epoch"] for row in run_info["history"]] == [0, 1, 2] and run_info["history"][-1]["l2sp_distance"] > 0
     _histories_agree(run_info["history"], reference_info["history"])
-    assert json.loads((parallel / "run" / "metrics.json").read_text()) == json.loads((single / "run" / "metrics.json").read_text())
 
 
 def test_cv_of_a_tail_under_torchrun_gives_one_process_result(surface_dataset, tmp_path, one_thread):
