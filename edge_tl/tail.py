@@ -8,7 +8,10 @@ the L2-SP penalty ``strength * ||theta - theta_pretrained||^2`` (:func:`l2sp_pen
 exact proximal step after each AdamW step (:func:`l2sp_proximal_step`), and weight decay toward
 zero stays for the head only. BatchNorm statistics stay frozen (the blocks run in eval
 mode; their affine parameters train). Early stopping watches an inner split of the training data
-(``stop``), never the data a result is reported on.
+(``stop``), never the data a result is reported on. Last, the head is fitted once more, as the frozen
+recipe fits it, on the restored tail's features of every training view (``fit`` and ``stop``): the head
+the AdamW steps leave behind ranks the classes less well than a converged logistic regression, and the
+escape budgets live on that ranking (benchmarks/RESULTS.md, issue 18).
 
 The frozen prefix (every block before the tail) is a fixed function, so its activations are cached
 once per image view (:func:`edge_tl.features.cache_features` over :func:`frozen_prefix`): an epoch
@@ -36,13 +39,14 @@ from edge_tl.device import CPU
 from edge_tl.distributed import from_first_rank, group_rank, is_active, shard_bounds, sum_over_ranks
 from edge_tl.errors import ConfigError
 from edge_tl.features import batched
-from edge_tl.head import Standardize, fold_standardization, lbfgs_epoch
+from edge_tl.head import Standardize, fit_linear_head, lbfgs_epoch
 from edge_tl.metrics import classification_metrics
 from edge_tl.out_of_fold import fold_assignment
 
 log = logging.getLogger(__name__)
 
 CHUNK = 128  # cached inputs per tail pass outside training
+REFIT_ITERATIONS = 300  # the final head's L-BFGS iterations: the frozen recipe's (30 epochs x 10)
 
 
 def freeze_trunk(model: nn.Module, unfreeze: int) -> list[nn.Parameter]:
@@ -151,8 +155,9 @@ def train_tail(tail: TrainableTail, cache: torch.Tensor, labels: np.ndarray, fit
     starting values with strength ``cfg.l2sp``, :func:`l2sp_proximal_step`) on a
     random view per image and step, blocks in eval mode. After each epoch the plain view of ``stop`` is
     scored; epoch 0 is the probe itself, so a tail that only gets worse is never kept. ``cfg.patience``
-    epochs without a better (balanced accuracy, then lower loss) end training. The standardisation is
-    folded into ``tail.head`` at the end; the tail is back on the CPU, in eval mode. Under a process group
+    epochs without a better (balanced accuracy, then lower loss) end training. Then the head is refitted
+    on the restored tail's features of ``fit`` and ``stop`` (:func:`refit_tail_head`); the tail is back on
+    the CPU, in eval mode. Under a process group
     (torchrun) the fine-tuning steps run data-parallel (:func:`_data_parallel`), with one process's result.
     """
     torch.manual_seed(cfg.seed)
@@ -239,8 +244,21 @@ def train_tail(tail: TrainableTail, cache: torch.Tensor, labels: np.ndarray, fit
             break
     network.load_state_dict(best_state)
     network.cpu().eval()
-    fold_standardization(tail.head, standardize)
+    refit_tail_head(tail, cache, labels, np.sort(np.concatenate([fit, stop])), len(classes), cfg.head_l2, cfg.seed)
     return TailFit(history, best_epoch, float(np.mean(epoch_seconds)) if epoch_seconds else 0.0, str(device))
+
+
+def refit_tail_head(tail: TrainableTail, cache: torch.Tensor, labels: np.ndarray, train: np.ndarray, num_classes: int,
+                    l2: float, seed: int) -> None:
+    """Replace ``tail.head`` by :func:`edge_tl.head.fit_linear_head` on the tail's pooled features of every
+    view of ``train`` (standardised on the plain view, folded in): on every rank alike under torchrun."""
+    tail.cpu().eval()
+    index = torch.from_numpy(np.asarray(train))
+    pooled = torch.stack([tail_features(tail, cache[view, index]) for view in range(cache.shape[0])])
+    with torch.enable_grad():
+        head = fit_linear_head(pooled.reshape(-1, pooled.shape[-1]), np.tile(np.asarray(labels)[train], len(pooled)),
+                               num_classes, l2, REFIT_ITERATIONS, seed, statistics=pooled[0])
+    tail.head.load_state_dict(head.state_dict())
 
 
 def _data_parallel(network: nn.Module, device: torch.device) -> nn.Module:

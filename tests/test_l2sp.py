@@ -140,3 +140,28 @@ def test_inner_split_is_stratified_disjoint_and_seeded():
     assert np.bincount(labels[stop]).tolist() == [2, 2, 2]
     again = inner_split(labels, None, 0.2, 1)
     assert np.array_equal(again[1], stop)
+
+
+def test_the_tail_ends_with_the_converged_head_on_its_own_features(cached):
+    """The final head is the class-weighted, L2 logistic regression on the trained tail's features of every
+    training view (fit and stop): the objective's gradient vanishes at it."""
+    from edge_tl.data import class_weights
+    from edge_tl.head import Standardize
+    from edge_tl.tail import tail_features
+
+    _, cache, labels, classes = cached
+    trained, _ = _trained(cached, l2sp=0.0)
+    tail = TrainableTail(trained, 2).eval()
+    train = np.arange(len(labels))  # inner_split's fit and stop: every image of the fixture
+    pooled = torch.stack([tail_features(tail, cache[view, torch.from_numpy(train)]) for view in range(len(cache))])
+    standardize = Standardize(pooled[0])
+    # the deployed head has the standardisation folded in: unfold it
+    weight = (tail.head.weight.detach() * standardize.std).requires_grad_(True)
+    bias = (tail.head.bias.detach() + (tail.head.weight.detach() * standardize.mean).sum(1)).requires_grad_(True)
+    inputs = standardize(pooled.reshape(-1, pooled.shape[-1]))
+    targets = torch.from_numpy(np.tile(labels, len(pooled)))
+    weights = torch.as_tensor(class_weights(labels, len(classes)), dtype=torch.float32)
+    objective = (torch.nn.functional.cross_entropy(inputs @ weight.T + bias, targets, weight=weights)
+                 + CFG.head_l2 * weight.pow(2).sum())
+    objective.backward()
+    assert max(weight.grad.abs().max().item(), bias.grad.abs().max().item()) <= 1e-4
