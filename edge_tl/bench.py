@@ -364,8 +364,13 @@ def _benchmark_run(run_dir: Path, cfg: BenchConfig) -> BenchResult:
     backends = _available_backends(cfg.backends, skipped)
     targets, verdicts, facts = _run_targets(run_dir, run_info, cfg, backends, skipped)
     rows = _time_targets(targets, cfg, skipped)
+    from edge_tl.backbones import get_backbone
+    from edge_tl.resolution_cost import resolution_cost  # torch: the training side only
+
+    larger = run_info["img_size"] > get_backbone(run_info["backbone"]).default_img_size
+    resolution = resolution_cost(run_dir, run_info, threads=cfg.threads) if larger and "onnxruntime" in backends else None
     result = BenchResult(machine_record(cfg.threads), _settings(cfg), tuple(rows), tuple(skipped),
-                         recommend(rows, verdicts, facts["float"]))
+                         recommend(rows, verdicts, facts["float"]), resolution)
     atomic_write_text(run_dir / BENCH_CSV, bench_csv(rows))
     atomic_write_json(run_dir / BENCH_JSON, result.to_dict())
     return result

@@ -92,11 +92,12 @@ class BenchResult:
     rows: tuple[BenchRow, ...]
     skipped: tuple[dict[str, Any], ...] = ()
     recommended: dict[str, Any] | None = None
+    resolution: dict[str, Any] | None = None  # edge_tl.resolution_cost: a run at another size than the default
 
     def to_dict(self) -> dict[str, Any]:
         return {"machine": dict(self.machine), "settings": dict(self.settings),
                 "rows": [row.to_dict() for row in self.rows], "skipped": [dict(entry) for entry in self.skipped],
-                "recommended": self.recommended}
+                "recommended": self.recommended, "resolution": self.resolution}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> BenchResult:
@@ -104,7 +105,8 @@ class BenchResult:
             raise ArtifactError("bench.json has no list of rows; rerun `edge-tl bench`")
         return cls(dict(values.get("machine", {})), dict(values.get("settings", {})),
                    tuple(BenchRow.from_dict(row) for row in values["rows"]),
-                   tuple(dict(entry) for entry in values.get("skipped", [])), values.get("recommended"))
+                   tuple(dict(entry) for entry in values.get("skipped", [])), values.get("recommended"),
+                   values.get("resolution"))
 
 
 def load_bench(run_dir: str | Path) -> BenchResult:

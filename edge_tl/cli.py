@@ -465,6 +465,10 @@ def bench(target, backends, batch, warmup, min_time_s, threads):
         require_training_side("bench RUN_DIR")
         result = benchmark(target, cfg)
     console.print(bench_table(result))
+    if result.resolution:
+        from edge_tl.report import resolution_line
+
+        console.print(resolution_line(result.resolution))
     if target.is_dir():
         console.print(f"wrote {target / 'bench.json'} and {target / 'bench.csv'}")
 

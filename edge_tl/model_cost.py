@@ -10,6 +10,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -59,23 +60,25 @@ def _ort_session(model: nn.Module, img_size: int, threads: int):
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def compare_ort_latency_ms(models: list[nn.Module], img_size: int, runs: int = 50, warmup: int = 10,
+def compare_ort_latency_ms(models: list[nn.Module], img_size: int | Sequence[int], runs: int = 50, warmup: int = 10,
                            threads: int = 1) -> list[float]:
-    """Median ONNX Runtime CPU latency (ms, batch 1) of each model, timed in alternation.
+    """Median ONNX Runtime CPU latency (ms, batch 1) of each model, timed in alternation; ``img_size`` is one
+    input size for all or one per model.
 
     Runs alternate between the models, so a change in machine load affects all of them alike and
     their ratio stays meaningful on a shared machine.
     """
     import numpy as np
 
-    sessions = [_ort_session(model, img_size, threads) for model in models]
-    feed = {"input": np.random.default_rng(0).random((1, 3, img_size, img_size), dtype=np.float32)}
-    for session in sessions:
+    sizes = [img_size] * len(models) if isinstance(img_size, int) else list(img_size)
+    sessions = [_ort_session(model, size, threads) for model, size in zip(models, sizes, strict=True)]
+    feeds = [{"input": np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)} for size in sizes]
+    for session, feed in zip(sessions, feeds):
         for _ in range(warmup):
             session.run(None, feed)
     timings: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
-        for session, times in zip(sessions, timings):
+        for session, feed, times in zip(sessions, feeds, timings):
             start = time.perf_counter()
             session.run(None, feed)
             times.append((time.perf_counter() - start) * 1000.0)

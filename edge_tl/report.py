@@ -341,6 +341,14 @@ def _verification_section(inputs: ReportInputs, figures: dict[str, Figure]) -> S
                                     *(figure for key, figure in figures.items() if key.startswith("confusion"))))
 
 
+def resolution_line(record: dict) -> str:
+    """The sentence for bench.json's ``resolution`` record (:mod:`edge_tl.resolution_cost`)."""
+    return (f"input size: {record['img_size']} px costs {record['latency_ratio']:.2f}x the latency of the backbone's "
+            f"default {record['default_img_size']} px ({record['latency_ms_p50']:.2f} against "
+            f"{record['default_latency_ms_p50']:.2f} ms, float model, ONNX Runtime FP32, batch 1, "
+            f"{record['threads']} thread(s)) and {record['macs_ratio']:.2f}x its MACs.")
+
+
 def _bench_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section:
     bench = inputs.bench
     if bench is None:
@@ -349,6 +357,7 @@ def _bench_section(inputs: ReportInputs, figures: dict[str, Figure]) -> Section:
     lines = [f"{key}: {_listed(value)}" for key, value in (bench.get("machine") or {}).items()]
     if bench.get("settings"):
         lines.append("settings: " + "; ".join(f"{key} {_listed(value)}" for key, value in bench["settings"].items()))
+    lines += [resolution_line(bench["resolution"])] if bench.get("resolution") else []
     lines += [f"skipped {skip.get('artifact') or 'every artifact'} on {skip.get('backend', '?')}"
               + (f" at batch {skip['batch_size']}" if skip.get("batch_size") else "") + f": {skip.get('reason')}"
               for skip in bench.get("skipped") or [] if isinstance(skip, dict)]

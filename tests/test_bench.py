@@ -319,3 +319,22 @@ def test_machine_record():
     assert record["torch"] == torch.__version__ and "CPUExecutionProvider" in record["onnxruntime_providers"]
     assert {"os", "python", "gpu", "tensorrt", "load_average_1min"} <= set(record)
     assert (record["tensorrt"] is None) == (importlib.util.find_spec("tensorrt") is None)
+
+
+def test_resolution_cost_times_the_same_weights_at_the_default_size(run_dir, result):
+    """The 64 px run against its weights at lite0's default 224 px: real sessions, 12x fewer MACs, faster."""
+    from edge_tl.checkpoint import load_checkpoint
+    from edge_tl.model_cost import count_macs
+    from edge_tl.report import resolution_line
+    from edge_tl.resolution_cost import resolution_cost
+
+    assert result.resolution is None  # bench states it for runs larger than the default only
+    run_info = read_json(run_dir / "run.json")
+    cost = resolution_cost(run_dir, run_info, runs=5, warmup=1)
+    assert (cost["img_size"], cost["default_img_size"]) == (PX, 224)
+    assert cost["macs"] == count_macs(load_checkpoint(run_dir)[0], PX)
+    assert 0.05 < cost["macs_ratio"] < 0.15  # about (64 / 224)^2 = 0.08, the head's MACs aside
+    assert 0 < cost["latency_ms_p50"] < cost["default_latency_ms_p50"]
+    assert cost["latency_ratio"] == pytest.approx(cost["latency_ms_p50"] / cost["default_latency_ms_p50"])
+    assert resolution_line(cost).startswith(f"input size: {PX} px costs {cost['latency_ratio']:.2f}x the latency")
+    assert resolution_cost(run_dir, {**run_info, "img_size": 224}) is None
