@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_tl.errors import ConfigError, EdgeTLError
-from edge_tl.sweep_trial import Trial, bench_alone, reused_row, run_trial
+from edge_tl.sweep_trial import Trial, bench_alone, failed_row, reused_row, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,8 @@ def sweep(data_dir: str | Path, grid: str | Path, out: str | Path, base_recipe: 
     with run_lock(out):
         trials = plan_trials(points, out, base_recipe)
         dataset_sha256 = dataset_fingerprint(data_dir)
-        done = {trial.name: reused_row(trial, dataset_sha256) for trial in trials}  # no trial started for these
+        done = {trial.name: failed_row(trial, trial.error) if trial.error is not None  # no trial started for these
+                else reused_row(trial, dataset_sha256) for trial in trials}
         pending = [trial for trial in trials if done[trial.name] is None]
         if scheduler == "ray" and pending:
             from edge_tl.sweep_ray import run_ray_trials

@@ -64,6 +64,7 @@ def test_sweep_runs_trials_on_ray_reuses_them_and_reports_the_broken_one(surface
     rows = {row["name"]: row for row in record["rows"]}
     assert rows["broken"]["status"] == "failed" and "sparsity 2.0" in rows["broken"]["error"]
     assert not (out / "trials" / "broken").exists()
+    assert len(list((out / "ray").glob("sweep-*/trial-*"))) == 2  # the broken recipe never reached Ray
     for name, run in (("seed 0", "seed-0"), ("seed 1", "seed-1")):
         row = rows[name]
         assert row["status"] == "done" and row["run_dir"] == str(out / "trials" / run)
