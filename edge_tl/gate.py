@@ -52,7 +52,7 @@ def check_gate_settings(max_drop: float, max_escape_rise: float, confidence: flo
 def label_free_evidence(float_pred: Sequence[int], artifact_pred: Sequence[int], classes: Sequence[str],
                         ok_class: str | None, source: str):
     """(LabelFreeCounts for the gate, the record's summary) from predictions on images without labels."""
-    from edge_tl.paired_stats import label_free_counts
+    from edge_tl.paired_counts import label_free_counts
 
     counts = label_free_counts(float_pred, artifact_pred, len(classes),
                                list(classes).index(ok_class) if ok_class is not None else None)
@@ -73,7 +73,8 @@ def gate_record(labels: Sequence[int], float_pred: Sequence[int], artifact_pred:
                 classes: Sequence[str], ok_class: str | None, max_drop: float, max_escape_rise: float,
                 confidence: float = DEFAULT_CONFIDENCE, label_free=None) -> dict[str, Any]:
     """The verdict, the paired statistics behind it and, when INCONCLUSIVE, what would settle it."""
-    from edge_tl.paired_stats import Verdict, decide, escape_table, images_to_settle, paired_tables
+    from edge_tl.paired_counts import escape_table, paired_tables
+    from edge_tl.paired_stats import Verdict, decide, images_to_settle
 
     check_gate_settings(max_drop, max_escape_rise, confidence)
     classes = list(classes)

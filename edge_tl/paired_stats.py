@@ -34,259 +34,13 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
-from edge_tl.errors import ConfigError, DatasetError
+from edge_tl.errors import ConfigError
+from edge_tl.paired_counts import LabelFreeCounts, PairedTable
+from edge_tl.paired_intervals import (
+    agreement_interval, fidelity_drop_bound, mcnemar_p_values, mover_mean_limits, new_escape_bound, newcombe_limits_at,
+    table_counts, z_value)
 
-CELLS = ("both_right", "float_only", "artifact_only", "both_wrong")
 SETTLE_GRID_RATIO = 1.02  # images_to_settle tries factors 1.02, 1.02**2, ... up to max_factor
-
-
-@dataclass(frozen=True)
-class PairedTable:
-    """Paired correctness counts of the float model and the artifact on the same images."""
-
-    both_right: int
-    float_only: int  # float right, artifact wrong
-    artifact_only: int  # artifact right, float wrong
-    both_wrong: int
-
-    def __post_init__(self) -> None:
-        if min(self.counts()) < 0:
-            raise ConfigError(f"paired table counts must be >= 0, got {self}")
-
-    def counts(self) -> tuple[int, int, int, int]:
-        return (self.both_right, self.float_only, self.artifact_only, self.both_wrong)
-
-    @property
-    def n(self) -> int:
-        return sum(self.counts())
-
-    @property
-    def delta(self) -> float:
-        """Artifact minus float accuracy on these images, a fraction."""
-        return (self.artifact_only - self.float_only) / self.n
-
-    def scaled(self, factor: float) -> PairedTable:
-        """Every count times ``factor``, rounded half to even (the same rounding as images_to_settle)."""
-        return PairedTable(*(int(v) for v in np.rint(np.asarray(self.counts(), dtype=float) * factor)))
-
-
-def _label_arrays(*arrays: Sequence[int]) -> list[np.ndarray]:
-    out = [np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]
-    if len({a.size for a in out}) != 1:
-        raise ConfigError(f"labels and predictions must have one length each, got {[a.size for a in out]}")
-    return out
-
-
-def _cell_counts(groups: np.ndarray, float_right: np.ndarray, artifact_right: np.ndarray, size: int) -> np.ndarray:
-    cells = 2 * (~float_right) + (~artifact_right)  # 0 both right, 1 float only, 2 artifact only, 3 both wrong
-    counts = np.zeros((size, 4), dtype=np.int64)
-    np.add.at(counts, (groups, cells.astype(np.int64)), 1)
-    return counts
-
-
-def paired_tables(labels: Sequence[int], float_pred: Sequence[int], artifact_pred: Sequence[int],
-                  num_classes: int) -> list[PairedTable]:
-    """One table per true class: each model's correctness on that class's images (its recall)."""
-    truth, float_calls, artifact_calls = _label_arrays(labels, float_pred, artifact_pred)
-    if truth.size and (truth.min() < 0 or truth.max() >= num_classes):
-        raise ConfigError(f"labels must lie in 0..{num_classes - 1}, got {truth.min()}..{truth.max()}")
-    counts = _cell_counts(truth, float_calls == truth, artifact_calls == truth, num_classes)
-    return [PairedTable(*(int(v) for v in row)) for row in counts]
-
-
-def escape_table(labels: Sequence[int], float_pred: Sequence[int], artifact_pred: Sequence[int],
-                 ok_index: int) -> PairedTable:
-    """The defect images (label != ok_index), "right" meaning caught (predicted anything but ok).
-
-    ``float_only`` counts new escapes (the float model catches the defect, the artifact calls it ok),
-    so the table's ``delta`` is minus the escape-rate change; :func:`escape_rate_delta` has the sign
-    of a rise.
-    """
-    truth, float_calls, artifact_calls = _label_arrays(labels, float_pred, artifact_pred)
-    defects = truth != ok_index
-    counts = _cell_counts(np.zeros(int(defects.sum()), dtype=np.int64), float_calls[defects] != ok_index,
-                          artifact_calls[defects] != ok_index, 1)
-    return PairedTable(*(int(v) for v in counts[0]))
-
-
-def escape_rate_delta(table: PairedTable) -> float:
-    """Artifact minus float escape rate on an :func:`escape_table`, a fraction (> 0 is a rise)."""
-    return -table.delta
-
-
-def _z(confidence: float) -> float:
-    if not 0.0 < confidence < 1.0:
-        raise ConfigError(f"confidence {confidence!r} must lie strictly between 0 and 1, e.g. 0.95")
-    return float(stats.norm.ppf(0.5 + confidence / 2.0))
-
-
-def _wilson_limits(successes: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score limits, the formula of scipy's ``proportion_ci(method="wilson")``, vectorised."""
-    successes, n = np.asarray(successes, dtype=float), np.asarray(n, dtype=float)
-    center = (successes + z * z / 2.0) / (n + z * z)
-    half = z * np.sqrt(np.maximum(successes * (n - successes) / n + z * z / 4.0, 0.0)) / (n + z * z)
-    return np.clip(center - half, 0.0, 1.0), np.clip(center + half, 0.0, 1.0)
-
-
-def _newcombe_limits(counts: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(delta, lower, upper) of artifact minus float accuracy for tables in the last axis (CELLS order)."""
-    both_right, float_only, artifact_only, both_wrong = np.moveaxis(np.asarray(counts, dtype=float), -1, 0)
-    n = both_right + float_only + artifact_only + both_wrong
-    artifact_right, float_right = both_right + artifact_only, both_right + float_only
-    p_artifact, p_float = artifact_right / n, float_right / n
-    lower_artifact, upper_artifact = _wilson_limits(artifact_right, n, z)
-    lower_float, upper_float = _wilson_limits(float_right, n, z)
-    # psi as in contingencytables::Newcombe_square_and_add_CI_paired_2x2 (0 on a zero margin)
-    margins = artifact_right * (n - artifact_right) * float_right * (n - float_right)
-    cross = both_right * both_wrong - float_only * artifact_only
-    numerator = np.where(cross > n / 2.0, cross - n / 2.0, np.where(cross < 0.0, cross, 0.0))
-    psi = np.where(margins > 0, numerator / np.sqrt(np.where(margins > 0, margins, 1.0)), 0.0)
-    estimate = p_artifact - p_float
-    down_a, up_f = p_artifact - lower_artifact, upper_float - p_float
-    down_f, up_a = p_float - lower_float, upper_artifact - p_artifact
-    lower = estimate - np.sqrt(np.maximum(down_a ** 2 + up_f ** 2 - 2.0 * psi * down_a * up_f, 0.0))
-    upper = estimate + np.sqrt(np.maximum(down_f ** 2 + up_a ** 2 - 2.0 * psi * down_f * up_a, 0.0))
-    return estimate, lower, upper
-
-
-def newcombe_limits(counts: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`newcombe_paired_interval` for many tables at once: (delta, lower, upper) arrays, counts (..., 4)."""
-    return _newcombe_limits(np.asarray(counts, dtype=np.int64), _z(confidence))
-
-
-def _mover_mean(estimate: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, ...]:
-    """MOVER limits of the mean over the last axis (Zou & Donner 2008), weights 1/K."""
-    k = estimate.shape[-1]
-    mean = estimate.mean(axis=-1)
-    down = np.sqrt((((estimate - lower) / k) ** 2).sum(axis=-1))
-    up = np.sqrt((((upper - estimate) / k) ** 2).sum(axis=-1))
-    return mean, mean - down, mean + up
-
-
-def _check_tables(tables: Sequence[PairedTable]) -> np.ndarray:
-    if not tables:
-        raise ConfigError("no paired tables: pass one per class")
-    empty = [index for index, table in enumerate(tables) if table.n == 0]
-    if empty:
-        raise DatasetError(f"classes {empty} have no labelled images; every class needs some to bound its recall")
-    return np.array([table.counts() for table in tables], dtype=np.int64)
-
-
-def newcombe_paired_interval(table: PairedTable, confidence: float = 0.95) -> tuple[float, float]:
-    """Two-sided interval of ``table.delta`` (artifact minus float): Newcombe's square-and-add method 10.
-
-    Wilson score intervals of the two marginal proportions, correlation estimate psi as in the R
-    package contingencytables (Fagerland, Lydersen & Laake 2017, ch. 8). That code orients the
-    difference as row minus column margin; ours is that table with the artifact as rows.
-    """
-    counts = _check_tables([table])[0]
-    _, lower, upper = _newcombe_limits(counts, _z(confidence))
-    return float(lower), float(upper)
-
-
-def balanced_accuracy_delta_interval(tables: Sequence[PairedTable], confidence: float = 0.95
-                                     ) -> tuple[float, float, float]:
-    """(estimate, lower, upper) of the balanced-accuracy delta: per-class Newcombe limits by MOVER."""
-    estimate, lower, upper = _mover_mean(*_newcombe_limits(_check_tables(tables), _z(confidence)))
-    return float(estimate), float(lower), float(upper)
-
-
-def escape_rate_delta_interval(table: PairedTable, confidence: float = 0.95) -> tuple[float, float, float]:
-    """(estimate, lower, upper) of the escape-rate change on an :func:`escape_table`, > 0 a rise."""
-    lower, upper = newcombe_paired_interval(table, confidence)
-    return escape_rate_delta(table), -upper, -lower
-
-
-def mcnemar_exact(table: PairedTable) -> float:
-    """One-sided exact McNemar p-value for "the artifact loses" (more float-only than artifact-only).
-
-    Conditional on the discordant pairs, ``float_only ~ Binomial(float_only + artifact_only, 1/2)``
-    when neither model is better; p is P(X >= float_only). 1.0 with no discordant pairs.
-    """
-    return float(_mcnemar_p(np.asarray(table.float_only), np.asarray(table.artifact_only)))
-
-
-def _mcnemar_p(float_only: np.ndarray, artifact_only: np.ndarray) -> np.ndarray:
-    return stats.binom.sf(float_only - 1, float_only + artifact_only, 0.5)  # P(X >= float_only)
-
-
-def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Two-sided Wilson score interval of a proportion."""
-    if n <= 0 or not 0 <= successes <= n:
-        raise ConfigError(f"a proportion needs 0 <= successes <= n and n > 0, got {successes} of {n}")
-    lower, upper = _wilson_limits(np.asarray(successes), np.asarray(n), _z(confidence))
-    return float(lower), float(upper)
-
-
-def agreement_interval(agree: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson interval of the share of images on which the artifact's call equals the float model's."""
-    return wilson_interval(agree, n, confidence)
-
-
-def new_escape_bound(new_ok_calls: int, float_defect_calls: int, confidence: float = 0.975) -> float:
-    """One-sided exact (Clopper-Pearson) upper bound, at ``confidence``, on the new-escape rate.
-
-    The rate is the share of the float model's defect calls that the artifact calls ok. Assumptions:
-    the unlabelled images come from the same line as independent draws, and the float model's defect
-    calls are right, so each such image is a defect the artifact lets through; reverse flips (the
-    artifact catching what the float model passes) are not credited, so this bounds the escape rise.
-    """
-    if float_defect_calls <= 0 or not 0 <= new_ok_calls <= float_defect_calls:
-        raise ConfigError(f"need 0 <= new_ok_calls <= float_defect_calls > 0, got {new_ok_calls}, {float_defect_calls}")
-    _z(confidence)
-    interval = stats.binomtest(new_ok_calls, float_defect_calls).proportion_ci(
-        confidence_level=2.0 * confidence - 1.0, method="exact")
-    return float(interval.high)
-
-
-def fidelity_drop_bound(per_class_flips: Sequence[int], per_class_counts: Sequence[int],
-                        confidence: float = 0.975) -> tuple[float, float]:
-    """(estimate, one-sided upper bound at ``confidence``) of the balanced-accuracy drop, as fractions.
-
-    For each float-predicted class the share of its images the artifact predicts otherwise; their
-    mean is the balanced-accuracy drop if the float model's calls were the labels (float predictions
-    grouped by class standing in for true classes, every disagreement a loss). Per-class one-sided
-    Wilson upper limits combined by MOVER. Same-line, independent unlabelled images assumed; every
-    class needs float calls.
-    """
-    flips, counts = np.asarray(per_class_flips, dtype=np.int64), np.asarray(per_class_counts, dtype=np.int64)
-    if flips.shape != counts.shape or flips.ndim != 1 or not flips.size:
-        raise ConfigError(f"per-class flips and counts must be two lists of one length, "
-                          f"got {flips.shape}, {counts.shape}")
-    if (counts <= 0).any() or (flips < 0).any() or (flips > counts).any():
-        raise DatasetError(f"each class needs float calls and 0 <= flips <= calls; got flips {flips.tolist()} "
-                           f"of {counts.tolist()}: collect more unlabelled images or drop the label-free route")
-    share = flips / counts
-    _, upper = _wilson_limits(flips, counts, _z(2.0 * confidence - 1.0))
-    mean, _, bound = _mover_mean(share, share, upper)
-    return float(mean), float(bound)
-
-
-@dataclass(frozen=True)
-class LabelFreeCounts:
-    """What unlabelled images give, the float model's calls taken as reference (by float-predicted class)."""
-
-    per_class_flips: tuple[int, ...]  # images of that float call the artifact predicts otherwise
-    per_class_counts: tuple[int, ...]  # images the float model predicts as that class
-    new_ok_calls: int | None = None  # float calls a defect, artifact calls ok (None without an ok class)
-    float_defect_calls: int | None = None
-
-    @property
-    def agreement(self) -> tuple[int, int]:
-        total = sum(self.per_class_counts)
-        return total - sum(self.per_class_flips), total
-
-
-def label_free_counts(float_pred: Sequence[int], artifact_pred: Sequence[int], num_classes: int,
-                      ok_index: int | None = None) -> LabelFreeCounts:
-    float_calls, artifact_calls = _label_arrays(float_pred, artifact_pred)
-    counts = np.bincount(float_calls, minlength=num_classes)
-    flips = np.bincount(float_calls[artifact_calls != float_calls], minlength=num_classes)
-    if ok_index is None:
-        return LabelFreeCounts(tuple(map(int, flips)), tuple(map(int, counts)))
-    defect_calls = float_calls != ok_index
-    return LabelFreeCounts(tuple(map(int, flips)), tuple(map(int, counts)),
-                           int((defect_calls & (artifact_calls == ok_index)).sum()), int(defect_calls.sum()))
 
 
 class Verdict(str, Enum):
@@ -361,9 +115,9 @@ def _gate(class_counts: np.ndarray, escape_counts: np.ndarray | None, max_drop: 
     """Every bound and route outcome, vectorised over the leading axes of the counts."""
     _check_gate(max_drop, max_escape_rise, alpha)
     confidence = 1.0 - alpha / 2.0 if label_free is not None else 1.0 - alpha
-    z = _z(confidence)
-    per_class = _newcombe_limits(class_counts, z)
-    estimate, lower, upper = _mover_mean(*per_class)
+    z = z_value(confidence)
+    per_class = newcombe_limits_at(class_counts, z)
+    estimate, lower, upper = mover_mean_limits(*per_class)
     out: dict[str, Any] = {"confidence": confidence, "per_class": per_class,
                            "drop": (-100.0 * estimate, -100.0 * upper, -100.0 * lower)}
     lf_drop, lf_rise = _label_free_bounds(label_free, escape_counts is not None, 1.0 - alpha / 4.0)
@@ -374,9 +128,9 @@ def _gate(class_counts: np.ndarray, escape_counts: np.ndarray | None, max_drop: 
     out["rise"] = out["mcnemar_p"] = None
     out["fail_rise"], out["pass_rise_labelled"], out["pass_rise_label_free"] = False, True, False
     if escape_counts is not None:
-        estimate, lower, upper = _newcombe_limits(escape_counts, z)
+        estimate, lower, upper = newcombe_limits_at(escape_counts, z)
         out["rise"] = (-100.0 * estimate, -100.0 * upper, -100.0 * lower)
-        out["mcnemar_p"] = _mcnemar_p(escape_counts[..., 1], escape_counts[..., 2])
+        out["mcnemar_p"] = mcnemar_p_values(escape_counts[..., 1], escape_counts[..., 2])
         # at a zero margin the exact test of "no rise" replaces the approximate lower bound
         out["fail_rise"] = (out["mcnemar_p"] < alpha / 2.0 if max_escape_rise == 0
                             else out["rise"][1] > max_escape_rise)
@@ -438,8 +192,8 @@ def decide(class_tables: Sequence[PairedTable], escape: PairedTable | None, max_
     """PASS, FAIL or INCONCLUSIVE from the per-class tables, the escape table (None without an ok class)
     and optional label-free counts, with margins in points; every interval is computed here, at the
     levels the module docstring gives, so the record's confidences are the ones the verdict used."""
-    counts = _check_tables(class_tables)
-    escape_counts = None if escape is None else _check_tables([escape])[0]
+    counts = table_counts(class_tables)
+    escape_counts = None if escape is None else table_counts([escape])[0]
     if label_free is not None and len(label_free.per_class_counts) != len(class_tables):
         raise ConfigError(f"label-free counts cover {len(label_free.per_class_counts)} classes, "
                           f"the labelled tables {len(class_tables)}")
@@ -497,8 +251,8 @@ def images_to_settle(class_tables: Sequence[PairedTable], escape: PairedTable | 
     is reached; an observed loss exactly at the margin is not (factor None), nor is a zero escape
     margin with no observed change in escapes. Label-free counts stay as given.
     """
-    counts = _check_tables(class_tables)
-    escape_counts = None if escape is None else _check_tables([escape])[0]
+    counts = table_counts(class_tables)
+    escape_counts = None if escape is None else table_counts([escape])[0]
     now = decide(class_tables, escape, max_drop, max_escape_rise, alpha, label_free).verdict
     if now is not Verdict.INCONCLUSIVE:
         return Settlement(1.0, now, (0,) * len(class_tables), 0 if escape is not None else None, None)
@@ -530,11 +284,11 @@ def defect_images_for_pass(max_escape_rise: float, flip_rate: float, alpha: floa
     """
     _check_gate(0.0, max_escape_rise, alpha)
     n = np.arange(1, max_images + 1, dtype=np.int64)
-    z = _z(1.0 - alpha)
+    z = z_value(1.0 - alpha)
 
     def passes(flips: np.ndarray) -> np.ndarray:
         flips = np.clip(flips, 0, n)
-        _, lower, _ = _newcombe_limits(np.stack([n - flips, flips, 0 * n, 0 * n], axis=-1), z)
+        _, lower, _ = newcombe_limits_at(np.stack([n - flips, flips, 0 * n, 0 * n], axis=-1), z)
         return -100.0 * lower <= max_escape_rise
 
     if power is None:

@@ -11,11 +11,12 @@ from scipy import stats
 
 from edge_tl.errors import ConfigError, DatasetError
 from edge_tl.metrics import balanced_accuracy, confusion_matrix, escape_and_false_reject
-from edge_tl.paired_stats import (
-    GateDecision, LabelFreeCounts, PairedTable, Verdict, agreement_interval, balanced_accuracy_delta_interval,
-    decide, defect_images_for_pass, escape_rate_delta, escape_rate_delta_interval, escape_table,
-    fidelity_drop_bound, gate_verdicts, images_to_settle, label_free_counts, mcnemar_exact, new_escape_bound,
-    newcombe_limits, newcombe_paired_interval, paired_tables, wilson_interval)
+from edge_tl.paired_counts import (
+    LabelFreeCounts, PairedTable, escape_rate_delta, escape_table, label_free_counts, paired_tables)
+from edge_tl.paired_intervals import (
+    agreement_interval, balanced_accuracy_delta_interval, escape_rate_delta_interval, fidelity_drop_bound,
+    mcnemar_exact, new_escape_bound, newcombe_limits, newcombe_paired_interval, wilson_interval)
+from edge_tl.paired_stats import GateDecision, Verdict, decide, defect_images_for_pass, gate_verdicts, images_to_settle
 
 # Produced by running Newcombe_square_and_add_CI_paired_2x2 (with its Wilson_score_CI_1x2) of the R
 # package contingencytables (Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables,
