@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,7 +100,7 @@ def test_the_unfrozen_tail_trains_on_the_gpu_like_on_the_cpu(surface_dataset):
     spec = get_backbone("efficientnet_lite0")
     model = build_model(spec, num_classes=len(scan.classes), img_size=IMG, pretrained=True).eval()
     cache = cache_features(frozen_prefix(model, 2), records, IMG, spec, 1, 0, runtime="torch")
-    labels = torch.tensor([record.label for record in records]).numpy()
+    labels = np.array([record.label for record in records])
     on_cpu, cpu_fit = _tail_on(CPU, model, cache, labels, scan.classes)
     on_gpu, gpu_fit = _tail_on(resolve_device("cuda"), model, cache, labels, scan.classes)
     assert gpu_fit.device.startswith("cuda") and cpu_fit.device == "cpu"
