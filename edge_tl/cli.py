@@ -11,11 +11,12 @@ from pathlib import Path
 
 import click
 from rich.markup import escape
+from rich.table import Table
 
 from edge_tl import cli_compress, cli_train  # noqa: F401  (registers their commands on the group)
 from edge_tl.artifacts import read_json
-from edge_tl.cli_group import cli, console, err_console, print_json_summary, print_pipeline_result
-from edge_tl.cli_tables import metrics_table
+from edge_tl.cli_group import cli, console, err_console, print_json_summary
+from edge_tl.cli_tables import metrics_table, verification_table
 from edge_tl.errors import EdgeTLError
 from edge_tl.install_profile import require_training_side
 
@@ -187,6 +188,23 @@ def report(run_dir):
     console.print(f"report: {written.markdown_path}\nreport: {written.html_path}\nplots: {len(written.plot_paths)} in "
                   f"{Path(run_dir) / 'plots'}")
 
+
+def print_pipeline_result(result) -> None:
+    """The steps (ran or skipped, seconds), the verification table and the recommendation."""
+    table = Table(title=f"edge-tl run: {result.run_dir}")
+    for column in ("step", "status", "seconds"):
+        table.add_column(column, justify="right" if column == "seconds" else "left", no_wrap=True)
+    for step in result.steps:
+        table.add_row(step.name, step.status, f"{step.seconds:.1f}")
+    console.print(table)
+    console.print(verification_table(result.verification))
+    bench_path = result.run_dir / "bench.json"
+    recommended = read_json(bench_path).get("recommended") if bench_path.is_file() else None
+    if recommended and recommended.get("artifact"):
+        console.print(f"recommended: {recommended.get('artifact')} ({recommended.get('reason', '')})")
+    else:
+        console.print("recommended: none (no artifact passed verification)")
+    console.print(f"finished in {result.seconds_total:.1f} s; report {result.run_dir / 'report.md'}")
 
 
 @cli.command()

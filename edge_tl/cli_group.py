@@ -9,9 +9,6 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from edge_tl.artifacts import read_json
-from edge_tl.cli_tables import verification_table
-
 # off a terminal (logs, CI) rich assumes 80 columns and squeezes tables; results read better whole
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
@@ -37,20 +34,3 @@ def print_json_summary(title: str, values: dict, keys: tuple[str, ...]) -> None:
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
 
-
-def print_pipeline_result(result) -> None:
-    """The steps (ran or skipped, seconds), the verification table and the recommendation."""
-    table = Table(title=f"edge-tl run: {result.run_dir}")
-    for column in ("step", "status", "seconds"):
-        table.add_column(column, justify="right" if column == "seconds" else "left", no_wrap=True)
-    for step in result.steps:
-        table.add_row(step.name, step.status, f"{step.seconds:.1f}")
-    console.print(table)
-    console.print(verification_table(result.verification))
-    bench_path = result.run_dir / "bench.json"
-    recommended = read_json(bench_path).get("recommended") if bench_path.is_file() else None
-    if recommended and recommended.get("artifact"):
-        console.print(f"recommended: {recommended.get('artifact')} ({recommended.get('reason', '')})")
-    else:
-        console.print("recommended: none (no artifact passed verification)")
-    console.print(f"finished in {result.seconds_total:.1f} s; report {result.run_dir / 'report.md'}")
