@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
@@ -74,43 +73,3 @@ def test_finetune_on_the_gpu_matches_the_cpu_run(surface_dataset, tmp_path):
     assert json.loads((on_cpu.run_dir / "run.json").read_text())["trunk_device"] == "cpu"
     assert abs(on_gpu.metrics["balanced_accuracy"] - on_cpu.metrics["balanced_accuracy"]) <= 0.1
     assert on_gpu.metrics["balanced_accuracy"] >= 0.5  # well above chance (0.25) on these textures
-
-
-def _tail_on(device: torch.device, model, cache, labels, classes):
-    """The last 2 blocks of a copy of ``model`` trained by train_tail on ``device``; (trained model, TailFit)."""
-    from edge_tl.tail import TrainableTail, freeze_trunk, inner_split, train_tail
-
-    cfg = FinetuneConfig(img_size=IMG, epochs=3, augmented_views=1, unfreeze=2, seed=0, batch_size=8, patience=99,
-                         lr=1e-2, unfreeze_lr_ratio=0.1, l2sp=0.0)
-    trained = build_model("efficientnet_lite0", num_classes=len(classes), img_size=IMG, pretrained=True).eval()
-    trained.load_state_dict(model.state_dict())
-    freeze_trunk(trained, cfg.unfreeze)
-    fit, stop = inner_split(labels, None, 0.25, 0)
-    return trained, train_tail(TrainableTail(trained, cfg.unfreeze), cache, labels, fit, stop, classes, cfg, device)
-
-
-@needs_cuda
-def test_the_unfrozen_tail_trains_on_the_gpu_like_on_the_cpu(surface_dataset):
-    """--unfreeze on a GPU: the fine-tuning steps run there, the model comes back to the CPU with its
-    BatchNorm statistics untouched, and it scores the images as the CPU-trained tail does (up to TF32)."""
-    from edge_tl.tail import TrainableTail, frozen_prefix, tail_logits
-
-    scan = scan_image_folder(surface_dataset)
-    records = sorted(scan.records, key=lambda record: str(record.path))[::4]
-    spec = get_backbone("efficientnet_lite0")
-    model = build_model(spec, num_classes=len(scan.classes), img_size=IMG, pretrained=True).eval()
-    cache = cache_features(frozen_prefix(model, 2), records, IMG, spec, 1, 0, runtime="torch")
-    labels = np.array([record.label for record in records])
-    on_cpu, cpu_fit = _tail_on(CPU, model, cache, labels, scan.classes)
-    on_gpu, gpu_fit = _tail_on(resolve_device("cuda"), model, cache, labels, scan.classes)
-    assert gpu_fit.device.startswith("cuda") and cpu_fit.device == "cpu"
-    assert all(tensor.device.type == "cpu" for tensor in on_gpu.state_dict().values())
-    buffers = dict(model.trunk.named_buffers())
-    assert all(torch.equal(buffer, buffers[name]) for name, buffer in on_gpu.trunk.named_buffers())
-    moved = [row["l2sp_distance"] for row in gpu_fit.history]
-    assert moved[0] == 0.0 and moved[-1] > 0.0  # the blocks did train on the GPU
-    cpu_logits = tail_logits(TrainableTail(on_cpu, 2), cache[0])
-    gpu_logits = tail_logits(TrainableTail(on_gpu, 2), cache[0])
-    agreement = (cpu_logits.argmax(1) == gpu_logits.argmax(1)).float().mean().item()
-    assert agreement >= 0.9, agreement
-    assert ((gpu_logits - cpu_logits).norm() / cpu_logits.norm()).item() < 0.1

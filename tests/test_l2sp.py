@@ -9,6 +9,7 @@ import torch
 
 from edge_tl.backbones import build_model, get_backbone
 from edge_tl.data import scan_image_folder
+from edge_tl.device import CPU, resolve_device
 from edge_tl.features import cache_features
 from edge_tl.finetune_config import FinetuneConfig
 from edge_tl.tail import (
@@ -39,14 +40,14 @@ def cached(surface_dataset):
     return model, cache, labels, scan.classes
 
 
-def _trained(cached, **changes):
+def _trained(cached, device=CPU, **changes):
     model, cache, labels, classes = cached
     cfg = replace(CFG, **changes)
     trained = build_model("efficientnet_lite0", num_classes=len(classes), img_size=IMG, pretrained=True).eval()
     freeze_trunk(trained, cfg.unfreeze)
     fit, stop = inner_split(labels, None, 0.25, 0)
     tail = TrainableTail(trained, cfg.unfreeze)
-    return trained, train_tail(tail, cache, labels, fit, stop, classes, cfg)
+    return trained, train_tail(tail, cache, labels, fit, stop, classes, cfg, device)
 
 
 def test_l2sp_penalty_and_gradient_match_a_hand_computed_oracle():
@@ -165,3 +166,26 @@ def test_the_tail_ends_with_the_converged_head_on_its_own_features(cached):
                  + CFG.head_l2 * weight.pow(2).sum())
     objective.backward()
     assert max(weight.grad.abs().max().item(), bias.grad.abs().max().item()) <= 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch")
+def test_the_unfrozen_tail_trains_on_the_gpu_like_on_the_cpu(cached):
+    """--unfreeze on a GPU: the fine-tuning steps run there, the model comes back to the CPU with its
+    BatchNorm statistics untouched, and it scores the images as the CPU-trained tail does (up to TF32)."""
+    pretrained, cache, labels, classes = cached
+    # every 4th image: few steps, so rounding (TF32 on the GPU) cannot grow into another trajectory
+    cache = cache[:, ::4]
+    small = (pretrained, cache, labels[::4], classes)
+    on_cpu, cpu_fit = _trained(small, l2sp=0.0, epochs=3, patience=99)
+    on_gpu, gpu_fit = _trained(small, resolve_device("cuda"), l2sp=0.0, epochs=3, patience=99)
+    assert gpu_fit.device.startswith("cuda") and cpu_fit.device == "cpu"
+    assert all(tensor.device.type == "cpu" for tensor in on_gpu.state_dict().values())
+    buffers = dict(pretrained.trunk.named_buffers())
+    assert all(torch.equal(buffer, buffers[name]) for name, buffer in on_gpu.trunk.named_buffers())
+    moved = [row["l2sp_distance"] for row in gpu_fit.history]
+    assert moved[0] == 0.0 and moved[-1] > 0.0  # the blocks did train on the GPU
+    cpu_logits = tail_logits(TrainableTail(on_cpu, 2), cache[0])
+    gpu_logits = tail_logits(TrainableTail(on_gpu, 2), cache[0])
+    agreement = (cpu_logits.argmax(1) == gpu_logits.argmax(1)).float().mean().item()
+    assert agreement >= 0.9, agreement
+    assert ((gpu_logits - cpu_logits).norm() / cpu_logits.norm()).item() < 0.1
