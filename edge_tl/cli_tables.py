@@ -56,13 +56,23 @@ def cross_validation_tables(result: dict, title: str) -> list[Table]:
         table.add_row(key, *[f"{row[key]:.4f}" for row in result["per_fold"]], f"{mean:.4f} +- {result['std'][key]:.4f}")
     tables.append(table)
     if result.get("operating_points"):
-        points = Table(title="escape budget (finetune --max-escape): out-of-fold cost")
+        points = Table(title="escape budget (finetune --max-escape): out-of-fold cost, the shift chosen on these logits")
         for column in ("max escape", "ok-logit shift", "escape rate", "false reject rate", "balanced acc."):
             points.add_column(column, justify="right")
         for point in result["operating_points"]:
             points.add_row(f"{point['max_escape']:.2f}", f"{point['ok_logit_shift']:.3f}", f"{point['escape_rate']:.4f}",
                            f"{point['false_reject_rate']:.4f}", f"{point['balanced_accuracy']:.4f}")
         tables.append(points)
+    if result.get("escape_budget"):
+        budget = result["escape_budget"]
+        chosen = Table(title=f"the recipe's escape budget {budget['max_escape']:g}: each fold's shift, chosen out of fold "
+                             "on its training images")
+        for column in ("fold", "ok-logit shift", "escape rate there", "false reject rate there"):
+            chosen.add_column(column, justify="right")
+        for point in budget["per_fold"]:
+            chosen.add_row(str(point["fold"]), f"{point['ok_logit_shift']:.3f}", f"{point['escape_rate']:.4f}",
+                           f"{point['false_reject_rate']:.4f}")
+        tables.append(chosen)
     return tables
 
 
@@ -71,7 +81,9 @@ def grid_table(grid: dict, title: str) -> Table:
     rows = grid["rows"]
     budgets = list(rows[0].get("false_reject_rate_at_escape", {}))
     table = Table(title=title)
-    columns = ["recipe", "unfreeze", "l2sp", "size", "balanced acc.", "folds mean +- std"]
+    budgets_set = any(row.get("max_escape") is not None for row in rows)  # a column only when a recipe has one
+    columns = ["recipe", "unfreeze", "l2sp", "size", *(["max escape"] if budgets_set else []), "balanced acc.",
+               "folds mean +- std"]
     if "escapes" in rows[0]:
         columns += ["escapes", "false rejects", *[f"FRR @ escape <= {budget}" for budget in budgets]]
     for column in [*columns, "wall s"]:
@@ -79,7 +91,9 @@ def grid_table(grid: dict, title: str) -> Table:
     for row in rows:
         marker = " (best)" if row["name"] == grid["best"] else ""
         cells = [row["name"] + marker, str(row["unfreeze"]), f"{row['l2sp']:g}" if row["unfreeze"] else "-",
-                 str(row["img_size"]), f"{row['balanced_accuracy']:.4f}",
+                 str(row["img_size"]),
+                 *([] if not budgets_set else ["-" if row.get("max_escape") is None else f"{row['max_escape']:g}"]),
+                 f"{row['balanced_accuracy']:.4f}",
                  f"{row['balanced_accuracy_fold_mean']:.4f} +- {row['balanced_accuracy_fold_std']:.4f}"]
         if "escapes" in row:
             cells += [f"{row['escapes']} / {row['defects']}", f"{row['false_rejects']} / {row['goods']}",

@@ -115,14 +115,17 @@ def evaluate(run_dir, data_dir, out, device):
               help="YAML list of recipe overrides (e.g. [{unfreeze: 0}, {unfreeze: 1, l2sp: 10}]): score each on the "
                    "same folds, print one table and name the best.")
 @frozen_trunk_options
+@click.option("--max-escape", type=float, default=None,
+              help="Score the recipe with finetune's escape budget, e.g. 0.02: each fold lowers the ok class's logit "
+                   "as chosen out of fold on its own training images. Needs --ok-class.")
 def cross_validate(data_dir, folds, out, grid, backbone, img_size, ok_class, augmented_views, crop, group_pattern, seed,
-                   weights, strict, device, trunk_runtime, epochs, unfreeze, l2sp):
+                   weights, strict, device, trunk_runtime, epochs, unfreeze, l2sp, max_escape):
     """Cross-validate finetune's recipe on DATA_DIR: every image scored once, out of fold."""
     require_training_side("cv")
     cfg = _finetune_config(backbone=backbone, img_size=img_size, ok_class=ok_class, seed=seed,
                            augmented_views=augmented_views, crop=crop, group_pattern=group_pattern,
                            weights=str(weights) if weights else None, epochs=epochs, unfreeze=unfreeze, l2sp=l2sp,
-                           strict=strict, device=device, trunk_runtime=trunk_runtime)
+                           strict=strict, device=device, trunk_runtime=trunk_runtime, max_escape=max_escape)
     if grid is not None:
         from edge_tl.cv_grid import cross_validate_grid, load_grid
 

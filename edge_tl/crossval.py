@@ -8,10 +8,14 @@ uses: the frozen trunk runs once per image view, and each fold only refits the h
 (:mod:`edge_tl.tail`), stopping early on an inner split of its own training images, never on the
 fold it is scored on; :func:`cross_validate_recipes` scores several recipes on the same folds.
 
-The same out-of-fold logits choose an operating point: the shift subtracted from the ok class's
-logit so that at most a given share of defective parts would be passed as good
-(:func:`edge_tl.operating_point.ok_logit_shift`). Folded into the head's bias it travels with every
-exported artifact.
+The same out-of-fold logits show what an operating point would cost: the shift subtracted from the
+ok class's logit so that at most a given share of defective parts would be passed as good
+(:func:`edge_tl.operating_point.ok_logit_shift`; ``operating_points``, chosen on the scored logits
+themselves). A recipe with an escape budget (``max_escape``) is scored as ``finetune`` deploys it:
+each fold chooses its own shift out of fold on its training images alone (inner folds,
+:func:`edge_tl.out_of_fold.escape_budget_point`) and applies it to the fold it scores, so the
+pooled metrics are those of the shifted decisions (``escape_budget``). Folded into the head's bias
+the shift travels with every exported artifact.
 
 Started by torchrun (``torchrun --nproc-per-node N -m edge_tl cv ...``), the frozen passes and the
 tails run data-parallel (:mod:`edge_tl.distributed`); every rank gets the same results, rank 0
@@ -40,7 +44,7 @@ from edge_tl.distributed import is_main_process, process_group
 from edge_tl.errors import ConfigError
 from edge_tl.features import cache_features
 from edge_tl.finetune_config import FinetuneConfig, validate_inputs
-from edge_tl.metrics import classification_metrics
+from edge_tl.metrics import classification_metrics, resolve_ok_class
 from edge_tl.operating_point import (  # noqa: F401  (SHIFT_CLEARANCE, ok_logit_shift, apply_ok_shift: old import path)
     ESCAPE_BUDGETS,
     SHIFT_CLEARANCE,
@@ -51,6 +55,7 @@ from edge_tl.operating_point import (  # noqa: F401  (SHIFT_CLEARANCE, ok_logit_
 from edge_tl.out_of_fold import (  # noqa: F401  (stratified_folds: old import path)
     DEFAULT_FOLDS,
     check_folds,
+    escape_budget_point,
     fold_assignment,
     fold_units,
     out_of_fold_logits,
@@ -58,7 +63,7 @@ from edge_tl.out_of_fold import (  # noqa: F401  (stratified_folds: old import p
     stratified_folds,
 )
 
-from edge_tl.tail import TrainableTail, freeze_trunk, frozen_prefix, inner_split, tail_logits, train_tail
+from edge_tl.tail import TrainableTail, freeze_trunk, frozen_prefix, inner_split, tail_features, tail_logits, train_tail
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +149,10 @@ def _cross_validate_recipes(data_dir: Path, recipes: list, folds: int, checked, 
         if "cache" not in entry:
             _fill_cache(entry, cfg, records, len(scan.classes))
         share = entry["seconds"] / entry["users"]
-        logits, tail_info = _out_of_fold(entry, cfg, labels, fold_of, keys, scan.classes)
-        result = _result(data_dir, scan, records, labels, fold_of, logits, cfg, spec, folds)
+        logits, shifted, budget, tail_info = _out_of_fold(entry, cfg, labels, fold_of, keys, scan.classes)
+        result = _result(data_dir, scan, records, labels, fold_of, shifted, logits, cfg, spec, folds)
+        if budget is not None:
+            result["escape_budget"] = budget
         if tail_info is not None:
             result["tail"] = tail_info
         result["seconds_total"] = time.perf_counter() - started + share
@@ -187,12 +194,19 @@ def _cache_for(entry: dict, unfreeze: int, device) -> torch.Tensor:
 
 
 def _out_of_fold(entry: dict, cfg, labels: np.ndarray, fold_of: np.ndarray, keys, classes):
-    """Out-of-fold logits of ``cfg``'s recipe, and for a trained tail what each fold's training did."""
+    """Out-of-fold logits of ``cfg``'s recipe; the same with each fold's escape-budget shift applied (the
+    logits themselves without a budget) and what the shifts were; for a trained tail what each fold's
+    training did."""
     device = resolve_device(cfg.device)
     cached = _cache_for(entry, cfg.unfreeze, device)
+    budget = _FoldShifts(cfg, labels, keys, classes)
     if not cfg.unfreeze:
-        return out_of_fold_logits(cached, labels, len(classes), fold_of, cfg.head_l2,
-                                  cfg.epochs * cfg.lbfgs_iterations, cfg.seed), None
+        logits = out_of_fold_logits(cached, labels, len(classes), fold_of, cfg.head_l2,
+                                    cfg.epochs * cfg.lbfgs_iterations, cfg.seed)
+        for fold in np.unique(fold_of):
+            train = np.flatnonzero(fold_of != fold)
+            budget.choose(fold, lambda: cached[:, torch.from_numpy(train)], train)
+        return logits, budget.applied(logits, fold_of), budget.record(), None
     logits = np.zeros((len(labels), len(classes)), dtype=np.float32)
     best_epochs, seconds = [], []
     for fold in np.unique(fold_of):
@@ -204,15 +218,55 @@ def _out_of_fold(entry: dict, cfg, labels: np.ndarray, fold_of: np.ndarray, keys
         tail = TrainableTail(model, cfg.unfreeze)
         fitted = train_tail(tail, cached, labels, train[fit], train[stop], classes, cfg, device)
         logits[held] = tail_logits(tail, cached[0, torch.from_numpy(held)]).numpy()
+        budget.choose(fold, lambda: torch.stack([tail_features(tail, view[torch.from_numpy(train)]) for view in cached]),
+                      train)
         best_epochs.append(fitted.best_epoch)
         seconds.append(fitted.seconds_per_epoch)
         log.info("fold %d: tail best at epoch %d of %d", fold, fitted.best_epoch, fitted.history[-1]["epoch"])
-    return logits, {"unfreeze": cfg.unfreeze, "l2sp": cfg.l2sp, "best_epochs": best_epochs,
-                    "seconds_per_epoch": float(np.mean(seconds)), "device": str(device),
-                    "early_stopping": f"inner split ({cfg.val_fraction:g}) of each fold's training images"}
+    return logits, budget.applied(logits, fold_of), budget.record(), {
+        "unfreeze": cfg.unfreeze, "l2sp": cfg.l2sp, "best_epochs": best_epochs,
+        "seconds_per_epoch": float(np.mean(seconds)), "device": str(device),
+        "early_stopping": f"inner split ({cfg.val_fraction:g}) of each fold's training images"}
 
 
-def _result(data_dir: Path, scan, records, labels, fold_of, logits, cfg, spec, folds: int) -> dict:
+class _FoldShifts:
+    """Each fold's ok-logit shift for ``cfg.max_escape``, chosen out of fold on that fold's training images
+    only (:func:`escape_budget_point` over their views: the frozen cache, or a trained tail's features of the
+    images it was trained on, optimistic as ``finetune``'s own choice is). Nothing without a budget."""
+
+    def __init__(self, cfg, labels: np.ndarray, keys, classes):
+        self.cfg, self.labels, self.keys, self.classes = cfg, labels, keys, classes
+        self.points: dict[int, dict] = {}
+
+    def choose(self, fold: int, training_views, train: np.ndarray) -> None:
+        if self.cfg.max_escape is None:
+            return
+        keys = None if self.keys is None else [self.keys[i] for i in train]
+        self.points[int(fold)] = escape_budget_point(training_views(), self.labels[train], keys, self.classes, self.cfg)
+        log.info("fold %d: escape budget %.3f, ok logit lowered by %.3f", fold, self.cfg.max_escape,
+                 self.points[int(fold)]["ok_logit_shift"])
+
+    def applied(self, logits: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
+        if not self.points:
+            return logits
+        shifted = logits.copy()
+        ok_index = resolve_ok_class(self.classes, self.cfg.ok_class)
+        for fold, point in self.points.items():
+            shifted[fold_of == fold, ok_index] -= point["ok_logit_shift"]
+        return shifted
+
+    def record(self) -> dict | None:
+        if not self.points:
+            return None
+        per_fold = [{"fold": fold, **point} for fold, point in sorted(self.points.items())]
+        return {"max_escape": self.cfg.max_escape, "per_fold": per_fold,
+                "measured_on": "each fold's training images, out of fold on inner folds; never the fold scored"
+                               + (" (a tail's features of the images it trained on)" if self.cfg.unfreeze else "")}
+
+
+def _result(data_dir: Path, scan, records, labels, fold_of, logits, unshifted, cfg, spec, folds: int) -> dict:
+    """The record of one recipe: metrics of ``logits`` (the decisions as deployed, any escape-budget shift
+    applied); the escape budgets' costs on ``unshifted``."""
     predicted = logits.argmax(1)
     per_fold, mean, std = _fold_summary(logits, labels, fold_of, scan.classes, cfg.ok_class)
     result = {
@@ -236,6 +290,6 @@ def _result(data_dir: Path, scan, records, labels, fold_of, logits, cfg, spec, f
                    for i in np.flatnonzero(predicted != labels)],
     }
     if cfg.ok_class is not None:  # what an escape budget (finetune --max-escape) would cost on this data
-        result["operating_points"] = [operating_point(logits, labels, scan.classes, cfg.ok_class, rate)
+        result["operating_points"] = [operating_point(unshifted, labels, scan.classes, cfg.ok_class, rate)
                                       for rate in ESCAPE_BUDGETS]
     return result

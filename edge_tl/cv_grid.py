@@ -63,10 +63,12 @@ def load_grid(path: str | Path, base: FinetuneConfig) -> list[tuple[str, Finetun
 
 
 def grid_row(name: str, result: dict) -> dict:
-    """One line of the grid table: pooled and per-fold balanced accuracy, counts, escape-budget costs, time."""
+    """One line of the grid table: pooled and per-fold balanced accuracy, counts (at the recipe's own escape budget
+    when it has one), escape-budget costs, time."""
     pooled = result["pooled"]
     row = {"name": name, "unfreeze": result["config"]["unfreeze"], "l2sp": result["config"]["l2sp"],
-           "img_size": result["img_size"], "balanced_accuracy": pooled["balanced_accuracy"],
+           "img_size": result["img_size"], "max_escape": result["config"]["max_escape"],
+           "balanced_accuracy": pooled["balanced_accuracy"],
            "balanced_accuracy_fold_mean": result["mean"]["balanced_accuracy"],
            "balanced_accuracy_fold_std": result["std"]["balanced_accuracy"], "seconds_total": result["seconds_total"]}
     if result.get("ok_class") is not None:

@@ -44,8 +44,8 @@ from edge_tl.groups import split_records
 from edge_tl.head import Standardize, fold_standardization, lbfgs_epoch
 from edge_tl.machine import library_versions
 from edge_tl.metrics import classification_metrics, resolve_ok_class
-from edge_tl.operating_point import apply_ok_shift, operating_point
-from edge_tl.out_of_fold import DEFAULT_FOLDS, fold_assignment, fold_units, out_of_fold_logits, part_keys
+from edge_tl.operating_point import apply_ok_shift
+from edge_tl.out_of_fold import escape_budget_point, part_keys
 from edge_tl.progress import progress_bar
 from edge_tl.run_lock import run_lock
 from edge_tl.tail import (  # noqa: F401  (frozen_prefix, TrainableTail: documented here too)
@@ -184,17 +184,12 @@ def fit_operating_point(model: nn.Module, records, views: torch.Tensor | None, c
     labels = np.array([record.label for record in records])
     if views is None:
         views = trunk_features(model, records, img_size, spec.mean, spec.std, device=device, crop=cfg.crop)[None]
-    keys = part_keys(records, cfg.group_pattern)
-    folds = int(min(DEFAULT_FOLDS, max(2, min(fold_units(labels, keys, classes).values()))))
-    fold_of = fold_assignment(labels, keys, folds, cfg.seed)
-    logits = out_of_fold_logits(views, labels, len(classes), fold_of, cfg.head_l2, cfg.epochs * cfg.lbfgs_iterations,
-                                cfg.seed)
-    point = operating_point(logits, labels, classes, cfg.ok_class, cfg.max_escape)
+    point = escape_budget_point(views, labels, part_keys(records, cfg.group_pattern), classes, cfg)
     apply_ok_shift(model.head, resolve_ok_class(classes, cfg.ok_class), point["ok_logit_shift"])
     log.info("escape budget %.3f: ok logit lowered by %.3f (out of fold on %d training images: escape %.4f, "
              "false reject %.4f)", cfg.max_escape, point["ok_logit_shift"], len(labels), point["escape_rate"],
              point["false_reject_rate"])
-    return {**point, "folds": folds, "measured_on": "training split, out of fold"}
+    return {**point, "measured_on": "training split, out of fold"}
 
 
 def finetune(data_dir: str | Path, out: str | Path, cfg: FinetuneConfig = FinetuneConfig(), force: bool = False) -> FinetuneResult:

@@ -2,7 +2,8 @@
 
 Cross-validation (:mod:`edge_tl.crossval`) scores every image with a head fitted on the other
 folds; fine-tuning's escape budget (:func:`edge_tl.finetune.fit_operating_point`) chooses its
-ok-logit shift on the same kind of out-of-fold logits of the training split.
+ok-logit shift on the same kind of out-of-fold logits of the training split
+(:func:`escape_budget_point`), and so does each fold of a cross-validated recipe with an escape budget.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from edge_tl.errors import ConfigError
 from edge_tl.groups import group_folds, group_keys, groups_per_class
 from edge_tl.head import fit_linear_head
+from edge_tl.operating_point import operating_point
 
 DEFAULT_FOLDS = 5
 
@@ -74,3 +76,16 @@ def out_of_fold_logits(views: torch.Tensor, labels: np.ndarray, num_classes: int
                                    num_classes, l2, iterations, seed, statistics=train_views[0])
         logits[~train.numpy()] = head(views[0, ~train].float()).numpy()
     return logits
+
+
+def escape_budget_point(views: torch.Tensor, labels: np.ndarray, keys: list[str] | None, classes, cfg) -> dict:
+    """``cfg.max_escape``'s operating point (:func:`edge_tl.operating_point.operating_point`) on out-of-fold
+    logits of training data: ``views`` (views, N, D) of N training samples, each scored by a head fitted like
+    the deployed one (``cfg.head_l2``, ``cfg.epochs * cfg.lbfgs_iterations`` iterations) on the other inner
+    folds (at most DEFAULT_FOLDS, fewer when a class has fewer samples or parts). Adds ``folds``."""
+    labels = np.asarray(labels)
+    folds = int(min(DEFAULT_FOLDS, max(2, min(fold_units(labels, keys, classes).values()))))
+    fold_of = fold_assignment(labels, keys, folds, cfg.seed)
+    logits = out_of_fold_logits(views, labels, len(classes), fold_of, cfg.head_l2, cfg.epochs * cfg.lbfgs_iterations,
+                                cfg.seed)
+    return {**operating_point(logits, labels, classes, cfg.ok_class, cfg.max_escape), "folds": folds}

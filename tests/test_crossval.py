@@ -157,6 +157,61 @@ def test_cv_grid_scores_recipes_on_the_same_folds_and_names_the_best(textures, t
     assert frozen["pooled"]["balanced_accuracy"] == pytest.approx(alone["pooled"]["balanced_accuracy"], abs=0.03)
 
 
+def _counts(result: dict) -> tuple[int, int]:
+    matrix = np.array(result["pooled"]["confusion_matrix"])
+    ok = result["classes"].index("ok")
+    return int(matrix[:, ok].sum() - matrix[ok, ok]), int(matrix[ok].sum() - matrix[ok, ok])  # escapes, false rejects
+
+
+def test_cv_scores_an_escape_budget_chosen_in_each_fold_on_its_training_images(textures, tmp_path, capsys, monkeypatch):
+    """A recipe's --max-escape is scored as finetune deploys it: each fold's shift comes from its training images."""
+    import edge_tl.crossval as crossval_mod
+
+    chosen = []
+    original = crossval_mod.escape_budget_point
+
+    def recording(views, labels, keys, classes, cfg):
+        point = original(views, labels, keys, classes, cfg)
+        chosen.append((views.shape[:2], len(labels), point["ok_logit_shift"]))
+        return point
+
+    monkeypatch.setattr(crossval_mod, "escape_budget_point", recording)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("- {name: argmax}\n- {name: budget 0, max_escape: 0.0}\n"
+                    "- {name: last-1 budget 0, unfreeze: 1, max_escape: 0.0}\n")
+    out = tmp_path / "grid.json"
+    argv = ["cv", str(textures), "--folds", "3", "--grid", str(grid), "--ok-class", "ok", "--img-size", str(IMG),
+            "--epochs", "3", "--augmented-views", "1", "--out", str(out)]
+    assert main(argv) == 0
+    assert "max escape" in capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    plain, budget, tail = results["argmax"], results["budget 0"], results["last-1 budget 0"]
+    assert "escape_budget" not in plain and len(chosen) == 6  # 3 folds for each recipe with a budget
+    held = [row["num_samples"] for row in plain["per_fold"]]
+    # every shift was chosen on the other folds' images only, all their views (plain + 1 augmented)
+    assert [(tuple(shape), size) for shape, size, _ in chosen] == [((2, 96 - n), 96 - n) for n in held] * 2
+    for result, calls in ((budget, chosen[:3]), (tail, chosen[3:])):
+        record = result["escape_budget"]
+        assert record["max_escape"] == 0.0 and [p["fold"] for p in record["per_fold"]] == [0, 1, 2]
+        assert [p["ok_logit_shift"] for p in record["per_fold"]] == [shift for _, _, shift in calls]
+        assert all(p["escape_rate"] == 0.0 and p["ok_logit_shift"] >= 0.0 for p in record["per_fold"])
+    assert any(shift > 0 for _, _, shift in chosen[:3])
+    # the frozen recipe's logits are the argmax recipe's with only the ok logit lowered, fold by fold
+    (plain_escapes, plain_rejects), (escapes, rejects) = _counts(plain), _counts(budget)
+    assert escapes <= plain_escapes and rejects >= plain_rejects and (escapes, rejects) != (plain_escapes, plain_rejects)
+    for before, after in zip(plain["per_fold"], budget["per_fold"]):
+        assert after["escape_rate"] <= before["escape_rate"] and after["false_reject_rate"] >= before["false_reject_rate"]
+    # what a budget would cost is still measured on the unshifted logits, the same in both records
+    assert budget["operating_points"] == plain["operating_points"]
+
+
+def test_cv_max_escape_needs_an_ok_class(textures, capsys):
+    assert main(["cv", str(textures), "--max-escape", "0.02"]) == 2
+    assert main(["cv", str(textures), "--ok-class", "ok", "--max-escape", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-escape" in err and "Traceback" not in err
+
+
 def test_cv_grid_errors_are_one_line_with_exit_2(textures, tmp_path, capsys):
     bad_key, bad_seed = tmp_path / "key.yaml", tmp_path / "seed.yaml"
     bad_key.write_text("- {unfreez: 1}\n")
