@@ -6,9 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from edge_tl.backbones import get_backbone
 from edge_tl.cli import main
+from edge_tl.cli_tables import cross_validation_tables
 from edge_tl.crossval import cross_validate
 from edge_tl.errors import ConfigError
 from edge_tl.features import trunk_features
@@ -203,6 +205,11 @@ def test_cv_scores_an_escape_budget_chosen_in_each_fold_on_its_training_images(t
         assert after["escape_rate"] <= before["escape_rate"] and after["false_reject_rate"] >= before["false_reject_rate"]
     # what a budget would cost is still measured on the unshifted logits, the same in both records
     assert budget["operating_points"] == plain["operating_points"]
+    console = Console(width=200, record=True)
+    for table in cross_validation_tables(budget, "cv"):
+        console.print(table)
+    shown = console.export_text()
+    assert "each fold's shift" in shown and f"{budget['escape_budget']['per_fold'][0]['ok_logit_shift']:.3f}" in shown
 
 
 def test_cv_max_escape_needs_an_ok_class(textures, capsys):
