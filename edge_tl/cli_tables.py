@@ -81,8 +81,8 @@ def grid_table(grid: dict, title: str) -> Table:
     rows = grid["rows"]
     budgets = list(rows[0].get("false_reject_rate_at_escape", {}))
     table = Table(title=title)
-    budgets_set = any(row.get("max_escape") is not None for row in rows)  # a column only when a recipe has one
-    columns = ["recipe", "unfreeze", "l2sp", "size", *(["max escape"] if budgets_set else []), "balanced acc.",
+    has_budget = any(row.get("max_escape") is not None for row in rows)  # a column only when a recipe has one
+    columns = ["recipe", "unfreeze", "l2sp", "size", *(["max escape"] if has_budget else []), "balanced acc.",
                "folds mean +- std"]
     if "escapes" in rows[0]:
         columns += ["escapes", "false rejects", *[f"FRR @ escape <= {budget}" for budget in budgets]]
@@ -92,7 +92,7 @@ def grid_table(grid: dict, title: str) -> Table:
         marker = " (best)" if row["name"] == grid["best"] else ""
         cells = [row["name"] + marker, str(row["unfreeze"]), f"{row['l2sp']:g}" if row["unfreeze"] else "-",
                  str(row["img_size"]),
-                 *([] if not budgets_set else ["-" if row.get("max_escape") is None else f"{row['max_escape']:g}"]),
+                 *([] if not has_budget else ["-" if row.get("max_escape") is None else f"{row['max_escape']:g}"]),
                  f"{row['balanced_accuracy']:.4f}",
                  f"{row['balanced_accuracy_fold_mean']:.4f} +- {row['balanced_accuracy_fold_std']:.4f}"]
         if "escapes" in row:

@@ -63,7 +63,7 @@ from edge_tl.out_of_fold import (  # noqa: F401  (stratified_folds: old import p
     stratified_folds,
 )
 
-from edge_tl.tail import TrainableTail, freeze_trunk, frozen_prefix, inner_split, tail_features, tail_logits, train_tail
+from edge_tl.tail import TrainableTail, freeze_trunk, frozen_prefix, inner_split, tail_logits, train_tail
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,11 @@ def _cross_validate_recipes(data_dir: Path, recipes: list, folds: int, checked, 
         if "cache" not in entry:
             _fill_cache(entry, cfg, records, len(scan.classes))
         share = entry["seconds"] / entry["users"]
-        logits, shifted, budget, tail_info = _out_of_fold(entry, cfg, labels, fold_of, keys, scan.classes)
+        logits, points, tail_info = _out_of_fold(entry, cfg, labels, fold_of, keys, scan.classes)
+        shifted = _shifted(logits, fold_of, points, resolve_ok_class(scan.classes, cfg.ok_class) if points else 0)
         result = _result(data_dir, scan, records, labels, fold_of, shifted, logits, cfg, spec, folds)
-        if budget is not None:
-            result["escape_budget"] = budget
+        if points:
+            result["escape_budget"] = _budget_record(points, cfg)
         if tail_info is not None:
             result["tail"] = tail_info
         result["seconds_total"] = time.perf_counter() - started + share
@@ -194,19 +195,21 @@ def _cache_for(entry: dict, unfreeze: int, device) -> torch.Tensor:
 
 
 def _out_of_fold(entry: dict, cfg, labels: np.ndarray, fold_of: np.ndarray, keys, classes):
-    """Out-of-fold logits of ``cfg``'s recipe; the same with each fold's escape-budget shift applied (the
-    logits themselves without a budget) and what the shifts were; for a trained tail what each fold's
-    training did."""
+    """Out-of-fold logits of ``cfg``'s recipe; with an escape budget each fold's operating point, chosen on its
+    training images only (:func:`_fold_budget_point`; empty without a budget); for a trained tail what each
+    fold's training did."""
     device = resolve_device(cfg.device)
     cached = _cache_for(entry, cfg.unfreeze, device)
-    budget = _FoldShifts(cfg, labels, keys, classes)
+    points: dict[int, dict] = {}
     if not cfg.unfreeze:
         logits = out_of_fold_logits(cached, labels, len(classes), fold_of, cfg.head_l2,
                                     cfg.epochs * cfg.lbfgs_iterations, cfg.seed)
-        for fold in np.unique(fold_of):
-            train = np.flatnonzero(fold_of != fold)
-            budget.choose(fold, lambda: cached[:, torch.from_numpy(train)], train)
-        return logits, budget.applied(logits, fold_of), budget.record(), None
+        if cfg.max_escape is not None:
+            for fold in np.unique(fold_of):
+                train = np.flatnonzero(fold_of != fold)
+                points[int(fold)] = _fold_budget_point(cached[:, torch.from_numpy(train)], train, labels, keys,
+                                                       classes, cfg)
+        return logits, points, None
     logits = np.zeros((len(labels), len(classes)), dtype=np.float32)
     best_epochs, seconds = [], []
     for fold in np.unique(fold_of):
@@ -218,50 +221,40 @@ def _out_of_fold(entry: dict, cfg, labels: np.ndarray, fold_of: np.ndarray, keys
         tail = TrainableTail(model, cfg.unfreeze)
         fitted = train_tail(tail, cached, labels, train[fit], train[stop], classes, cfg, device)
         logits[held] = tail_logits(tail, cached[0, torch.from_numpy(held)]).numpy()
-        budget.choose(fold, lambda: torch.stack([tail_features(tail, view[torch.from_numpy(train)]) for view in cached]),
-                      train)
+        if cfg.max_escape is not None:  # the refit's plain view, as finetune chooses a tail's shift; the refit
+            # fitted train[fit] and train[stop] in index order, that is train
+            points[int(fold)] = _fold_budget_point(fitted.train_features[:1], train, labels, keys, classes, cfg)
         best_epochs.append(fitted.best_epoch)
         seconds.append(fitted.seconds_per_epoch)
         log.info("fold %d: tail best at epoch %d of %d", fold, fitted.best_epoch, fitted.history[-1]["epoch"])
-    return logits, budget.applied(logits, fold_of), budget.record(), {
-        "unfreeze": cfg.unfreeze, "l2sp": cfg.l2sp, "best_epochs": best_epochs,
-        "seconds_per_epoch": float(np.mean(seconds)), "device": str(device),
-        "early_stopping": f"inner split ({cfg.val_fraction:g}) of each fold's training images"}
+    return logits, points, {"unfreeze": cfg.unfreeze, "l2sp": cfg.l2sp, "best_epochs": best_epochs,
+                            "seconds_per_epoch": float(np.mean(seconds)), "device": str(device),
+                            "early_stopping": f"inner split ({cfg.val_fraction:g}) of each fold's training images"}
 
 
-class _FoldShifts:
-    """Each fold's ok-logit shift for ``cfg.max_escape``, chosen out of fold on that fold's training images
-    only (:func:`escape_budget_point` over their views: the frozen cache, or a trained tail's features of the
-    images it was trained on, optimistic as ``finetune``'s own choice is). Nothing without a budget."""
+def _fold_budget_point(views: torch.Tensor, train: np.ndarray, labels: np.ndarray, keys, classes, cfg) -> dict:
+    """``cfg.max_escape``'s operating point for one fold, out of fold on its training images ``train`` alone
+    (:func:`escape_budget_point` over their ``views``: every cached view for the frozen trunk, a trained
+    tail's plain-view features of the images it was trained on, optimistic, as ``finetune`` chooses)."""
+    point = escape_budget_point(views, labels[train], None if keys is None else [keys[i] for i in train], classes, cfg)
+    log.info("escape budget %.3f: ok logit lowered by %.3f", cfg.max_escape, point["ok_logit_shift"])
+    return point
 
-    def __init__(self, cfg, labels: np.ndarray, keys, classes):
-        self.cfg, self.labels, self.keys, self.classes = cfg, labels, keys, classes
-        self.points: dict[int, dict] = {}
 
-    def choose(self, fold: int, training_views, train: np.ndarray) -> None:
-        if self.cfg.max_escape is None:
-            return
-        keys = None if self.keys is None else [self.keys[i] for i in train]
-        self.points[int(fold)] = escape_budget_point(training_views(), self.labels[train], keys, self.classes, self.cfg)
-        log.info("fold %d: escape budget %.3f, ok logit lowered by %.3f", fold, self.cfg.max_escape,
-                 self.points[int(fold)]["ok_logit_shift"])
+def _shifted(logits: np.ndarray, fold_of: np.ndarray, points: dict[int, dict], ok_index: int) -> np.ndarray:
+    """``logits`` with each fold's ok logit lowered by its point's shift (``logits`` itself without points)."""
+    if not points:
+        return logits
+    shifted = logits.copy()
+    for fold, point in points.items():
+        shifted[fold_of == fold, ok_index] -= point["ok_logit_shift"]
+    return shifted
 
-    def applied(self, logits: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
-        if not self.points:
-            return logits
-        shifted = logits.copy()
-        ok_index = resolve_ok_class(self.classes, self.cfg.ok_class)
-        for fold, point in self.points.items():
-            shifted[fold_of == fold, ok_index] -= point["ok_logit_shift"]
-        return shifted
 
-    def record(self) -> dict | None:
-        if not self.points:
-            return None
-        per_fold = [{"fold": fold, **point} for fold, point in sorted(self.points.items())]
-        return {"max_escape": self.cfg.max_escape, "per_fold": per_fold,
-                "measured_on": "each fold's training images, out of fold on inner folds; never the fold scored"
-                               + (" (a tail's features of the images it trained on)" if self.cfg.unfreeze else "")}
+def _budget_record(points: dict[int, dict], cfg) -> dict:
+    return {"max_escape": cfg.max_escape, "per_fold": [{"fold": fold, **point} for fold, point in sorted(points.items())],
+            "measured_on": "each fold's training images, out of fold on inner folds; never the fold scored"
+                           + (" (a tail's plain-view features of the images it trained on)" if cfg.unfreeze else "")}
 
 
 def _result(data_dir: Path, scan, records, labels, fold_of, logits, unshifted, cfg, spec, folds: int) -> dict:

@@ -156,12 +156,13 @@ def train_head(model: nn.Module, train_records, val_records, classes, spec: Back
 
 
 def train_unfrozen_tail(model: nn.Module, train_records, classes, spec: BackboneSpec, img_size: int,
-                        cfg: FinetuneConfig, device: torch.device = CPU) -> tuple[list[dict], float, None, int]:
+                        cfg: FinetuneConfig, device: torch.device = CPU) -> tuple[list[dict], float, torch.Tensor, int]:
     """The last ``cfg.unfreeze`` blocks and the head by :func:`edge_tl.tail.train_tail` (linear probe, then
     L2-SP), on the frozen prefix's cached views of ``train_records``, in place. Early stopping watches an
     inner split of ``train_records`` (``cfg.val_fraction`` of it, whole parts under ``cfg.group_pattern``),
     never the validation split the run reports on. Returns like :func:`train_head` (history from epoch 0,
-    the linear probe)."""
+    the linear probe); the views are the trained tail's plain-view features of ``train_records``, the ones its
+    head was refitted on (an escape budget chosen on them is optimistic: the tail has seen those images)."""
     freeze_trunk(model, cfg.unfreeze)
     labels = np.array([r.label for r in train_records])
     fit, stop = inner_split(labels, part_keys(train_records, cfg.group_pattern), cfg.val_fraction, cfg.seed)
@@ -169,7 +170,7 @@ def train_unfrozen_tail(model: nn.Module, train_records, classes, spec: Backbone
                            cfg.seed, device=device, crop=cfg.crop, runtime=cfg.trunk_runtime)
     fitted = train_tail(TrainableTail(model, cfg.unfreeze), cache, labels, fit, stop, classes, cfg, device)
     model.eval()
-    return fitted.history, fitted.seconds_per_epoch, None, fitted.best_epoch
+    return fitted.history, fitted.seconds_per_epoch, fitted.train_features[:1], fitted.best_epoch
 
 
 def fit_operating_point(model: nn.Module, records, views: torch.Tensor | None, classes, spec, img_size: int, cfg,
@@ -177,9 +178,9 @@ def fit_operating_point(model: nn.Module, records, views: torch.Tensor | None, c
     """Choose and apply ``cfg.max_escape``'s ok-logit shift to ``model.head``, measured out of fold on ``records``
     (the training split): each fold's head is fitted like the deployed one on the other folds' ``views``.
 
-    ``views`` are the cached training features the head was fitted on; without them (unfrozen blocks, no
-    cache) the fitted trunk's plain view is computed, and the estimate is optimistic: that trunk has
-    seen every training image.
+    ``views`` are the cached training features the head was fitted on: every view for the frozen trunk, the
+    trained tail's plain view with unfrozen blocks (optimistic: that tail has seen every training image);
+    without them (``--no-cache``) the trunk's plain view is computed.
     """
     labels = np.array([record.label for record in records])
     if views is None:

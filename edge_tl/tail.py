@@ -122,12 +122,14 @@ def l2sp_proximal_step(params: list[torch.Tensor], reference: list[torch.Tensor]
 
 @dataclass
 class TailFit:
-    """What :func:`train_tail` did: per-epoch history (epoch 0 is the linear probe), the restored epoch."""
+    """What :func:`train_tail` did: per-epoch history (epoch 0 is the linear probe), the restored epoch, and the
+    restored tail's features its head was refitted on."""
 
     history: list = field(default_factory=list)
     best_epoch: int = 0
     seconds_per_epoch: float = 0.0
     device: str = "cpu"
+    train_features: torch.Tensor | None = None  # (views, N, D): the refitted head's inputs, fit and stop in index order
 
 
 @torch.no_grad()
@@ -244,14 +246,16 @@ def train_tail(tail: TrainableTail, cache: torch.Tensor, labels: np.ndarray, fit
             break
     network.load_state_dict(best_state)
     network.cpu().eval()
-    refit_tail_head(tail, cache, labels, np.sort(np.concatenate([fit, stop])), len(classes), cfg.head_l2, cfg.seed)
-    return TailFit(history, best_epoch, float(np.mean(epoch_seconds)) if epoch_seconds else 0.0, str(device))
+    features = refit_tail_head(tail, cache, labels, np.sort(np.concatenate([fit, stop])), len(classes), cfg.head_l2,
+                               cfg.seed)
+    return TailFit(history, best_epoch, float(np.mean(epoch_seconds)) if epoch_seconds else 0.0, str(device), features)
 
 
 def refit_tail_head(tail: TrainableTail, cache: torch.Tensor, labels: np.ndarray, train: np.ndarray, num_classes: int,
-                    l2: float, seed: int) -> None:
+                    l2: float, seed: int) -> torch.Tensor:
     """Replace ``tail.head`` by :func:`edge_tl.head.fit_linear_head` on the tail's pooled features of every
-    view of ``train`` (standardised on the plain view, folded in): on every rank alike under torchrun."""
+    view of ``train`` (standardised on the plain view, folded in): on every rank alike under torchrun.
+    Returns those features, (views, len(train), D)."""
     tail.cpu().eval()
     index = torch.from_numpy(np.asarray(train))
     pooled = torch.stack([tail_features(tail, cache[view, index]) for view in range(cache.shape[0])])
@@ -259,6 +263,7 @@ def refit_tail_head(tail: TrainableTail, cache: torch.Tensor, labels: np.ndarray
         head = fit_linear_head(pooled.reshape(-1, pooled.shape[-1]), np.tile(np.asarray(labels)[train], len(pooled)),
                                num_classes, l2, REFIT_ITERATIONS, seed, statistics=pooled[0])
     tail.head.load_state_dict(head.state_dict())
+    return pooled
 
 
 def _data_parallel(network: nn.Module, device: torch.device) -> nn.Module:

@@ -25,7 +25,7 @@ from edge_tl.finetune import (
 from edge_tl.head import fit_linear_head
 from edge_tl.head_refit import refit_head
 from edge_tl.operating_point import ok_logit_shift
-from edge_tl.out_of_fold import out_of_fold_logits, stratified_folds
+from edge_tl.out_of_fold import escape_budget_point, out_of_fold_logits, stratified_folds
 from edge_tl.synthetic import make_surface_dataset
 
 IMG = 64
@@ -190,8 +190,10 @@ def test_cv_scores_an_escape_budget_chosen_in_each_fold_on_its_training_images(t
     plain, budget, tail = results["argmax"], results["budget 0"], results["last-1 budget 0"]
     assert "escape_budget" not in plain and len(chosen) == 6  # 3 folds for each recipe with a budget
     held = [row["num_samples"] for row in plain["per_fold"]]
-    # every shift was chosen on the other folds' images only, all their views (plain + 1 augmented)
-    assert [(tuple(shape), size) for shape, size, _ in chosen] == [((2, 96 - n), 96 - n) for n in held] * 2
+    # every shift was chosen on the other folds' images only: all their views (plain + 1 augmented) for the frozen
+    # trunk, the tail's plain view for the tail, as finetune chooses them
+    assert [(tuple(shape), size) for shape, size, _ in chosen] == ([((2, 96 - n), 96 - n) for n in held]
+                                                                   + [((1, 96 - n), 96 - n) for n in held])
     for result, calls in ((budget, chosen[:3]), (tail, chosen[3:])):
         record = result["escape_budget"]
         assert record["max_escape"] == 0.0 and [p["fold"] for p in record["per_fold"]] == [0, 1, 2]
@@ -263,6 +265,21 @@ def test_max_escape_lowers_the_ok_logit_in_the_saved_head(textures, tmp_path):
     logits = predict_logits(model, val, IMG, info["mean"], info["std"])
     assert np.array_equal(np.array(budget.metrics["confusion_matrix"]).sum(0),
                           np.bincount(logits.argmax(1), minlength=4))
+
+
+def test_a_tails_escape_budget_is_chosen_on_its_plain_view_of_the_training_split(textures, tmp_path):
+    """With unfrozen blocks finetune chooses the shift on the trained tail's features its head was refitted on;
+    computed again through the whole trained trunk they give the same shift (the cache is float16)."""
+    cfg = FinetuneConfig(**{**TAIL.__dict__, "max_escape": 0.0})
+    result = finetune(textures, tmp_path / "run", cfg)
+    model, info = load_checkpoint(result.run_dir)
+    point = info["operating_point"]
+    assert point["escape_rate"] == 0.0 and point["ok_logit_shift"] > 0
+    train = run_records(info, "train")
+    views = trunk_features(model, train, IMG, info["mean"], info["std"])[None]
+    again = escape_budget_point(views, np.array([r.label for r in train]), None, info["classes"], cfg)
+    assert again["ok_logit_shift"] == pytest.approx(point["ok_logit_shift"], abs=0.05)
+    assert again["folds"] == point["folds"]
 
 
 def test_max_escape_needs_an_ok_class(textures, tmp_path):
