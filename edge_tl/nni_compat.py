@@ -129,6 +129,10 @@ class _DebugLogger(logging.LoggerAdapter):
         self.debug(msg, *args, **kwargs)
 
 
+SPEEDUP_BATCH = 32  # random inputs ModelSpeedup's mask inference sees (NNI's default: 8)
+SPEEDUP_SEED = 0
+
+
 def speedup(model: nn.Module, dummy_input: torch.Tensor, masks: dict) -> nn.Module:
     """Physically remove masked channels from ``model`` (in place) with NNI ModelSpeedup.
 
@@ -139,6 +143,13 @@ def speedup(model: nn.Module, dummy_input: torch.Tensor, masks: dict) -> nn.Modu
     Every layer of a channel-dependency set (``channel_dependency_sets``) needs the same mask: a mask
     on an expansion conv alone is OR-merged with its unmasked depthwise conv by
     ``fix_channel_mask_conflict`` and nothing is pruned (NNI only logs "nothing masked").
+
+    ModelSpeedup replaces ``dummy_input`` by a batch of ``torch.rand`` drawn from the global generator
+    and also removes every channel whose output does not vary over that batch (std < 1e-6). With
+    NNI's 8 inputs a live channel now and then reads constant, and one channel more than planned
+    goes (``prune._check_pruned`` rejects that): here the batch is SPEEDUP_BATCH inputs, drawn from
+    a generator seeded with SPEEDUP_SEED, so the same model is always pruned the same way, and the
+    caller's random stream is left as it was.
     """
     # ModelSpeedup logs every node at INFO level (hundreds of lines per model): demote them to DEBUG
     speedup_log = _DebugLogger(logging.getLogger(f"{__name__}.speedup"), {})
@@ -149,8 +160,10 @@ def speedup(model: nn.Module, dummy_input: torch.Tensor, masks: dict) -> nn.Modu
     # included) into training mode: give the graph the model's mode and restore it afterwards.
     graph_module.train(training)
     try:
-        with quiet_nni():
-            ModelSpeedup(model, dummy_input, masks, graph_module=graph_module, logger=speedup_log).speedup_model()
+        with quiet_nni(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SPEEDUP_SEED)
+            ModelSpeedup(model, dummy_input, masks, batch_size=SPEEDUP_BATCH, graph_module=graph_module,
+                         logger=speedup_log).speedup_model()
     finally:
         model.train(training)
     return model

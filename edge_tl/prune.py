@@ -186,7 +186,7 @@ def prune_model(
         images = _calibration_images(calibration_batches) if calibration_batches is not None else None
         masks = _expansion_masks(pruned, plan, method, training_batches, images)
         _add_tied_masks(pruned, masks, plan)
-        nni_compat.speedup(pruned, torch.rand(1, 3, probe_size, probe_size), masks)
+        nni_compat.speedup(pruned, torch.zeros(1, 3, probe_size, probe_size), masks)  # NNI draws its own inputs
         _check_pruned(pruned, plan, before)
         for name, param in pruned.named_parameters():
             param.requires_grad_(requires_grad[name])

@@ -139,6 +139,19 @@ def test_pruned_lite0_channels_match_spec_aligned_and_finite(lite0, pruned_lite0
         assert torch.isfinite(pruned(images)).all()
 
 
+def test_pruning_is_the_same_whatever_the_global_random_state_and_leaves_it_alone(lite0, pruned_lite0, images):
+    # ModelSpeedup draws its mask-inference inputs from torch's global generator and drops every channel
+    # constant over them: they come from a seeded generator of their own, so no caller's state can
+    # change the result, and the caller's stream is not advanced
+    torch.manual_seed(12345)
+    before = torch.random.get_rng_state()
+    pruned, spec = prune_model(lite0, IMG, 0.5, calibration_batches=[images])
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert spec == pruned_lite0[1]
+    reference = pruned_lite0[0].state_dict()
+    assert all(torch.equal(value, reference[name]) for name, value in pruned.state_dict().items())
+
+
 def test_pruned_macs_equal_the_per_layer_oracle_and_fall_by_the_expected_share(lite0, pruned_lite0):
     pruned, spec = pruned_lite0
     parent_layers = _layer_macs(lite0)
