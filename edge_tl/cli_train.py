@@ -53,6 +53,11 @@ def frozen_trunk_options(command):
                           "on cached activations, early stopping on an inner split of the training images."),
         click.option("--l2sp", type=float, default=None,
                      help="With --unfreeze: strength of the pull toward the pretrained weights (default 10; 0: none)."),
+        click.option("--head-l2", type=float, default=None,
+                     help="L2 penalty of the linear head on standardised features (default 0.01; 0.001 suits 416 px)."),
+        click.option("--budget-folds", type=int, default=None,
+                     help="With --max-escape: inner folds of the training images its shift is measured on (default 5; "
+                          "10 gives each inner head nine tenths of them, and a shift nearer the deployed head's)."),
     )
     for option in reversed(shared):
         command = option(command)
@@ -76,14 +81,15 @@ def _finetune_config(**kwargs):
 @click.option("--no-cache", is_flag=True, help="Run the trunk every epoch instead of caching its features.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
 def finetune(data_dir, out, backbone, img_size, ok_class, augmented_views, crop, group_pattern, seed, weights, strict,
-             device, trunk_runtime, epochs, unfreeze, l2sp, max_escape, no_pretrained, no_cache, force):
+             device, trunk_runtime, epochs, unfreeze, l2sp, head_l2, budget_folds, max_escape, no_pretrained, no_cache,
+             force):
     """Fine-tune a pretrained backbone with its trunk frozen on an ImageFolder DATA_DIR."""
     require_training_side("finetune")
     from edge_tl.finetune import finetune as run_finetune
 
     cfg = _finetune_config(backbone=backbone, img_size=img_size, epochs=epochs, unfreeze=unfreeze, l2sp=l2sp,
                            ok_class=ok_class, max_escape=max_escape, augmented_views=augmented_views, crop=crop,
-                           group_pattern=group_pattern, seed=seed,
+                           group_pattern=group_pattern, seed=seed, head_l2=head_l2, budget_folds=budget_folds,
                            weights=str(weights) if weights else None, pretrained=not no_pretrained,
                            cache_features=not no_cache, strict=strict, device=device, trunk_runtime=trunk_runtime)
     result = run_finetune(data_dir, out, cfg, force=force)
@@ -119,13 +125,14 @@ def evaluate(run_dir, data_dir, out, device):
               help="Score the recipe with finetune's escape budget, e.g. 0.02: each fold lowers the ok class's logit "
                    "as chosen out of fold on its own training images. Needs --ok-class.")
 def cross_validate(data_dir, folds, out, grid, backbone, img_size, ok_class, augmented_views, crop, group_pattern, seed,
-                   weights, strict, device, trunk_runtime, epochs, unfreeze, l2sp, max_escape):
+                   weights, strict, device, trunk_runtime, epochs, unfreeze, l2sp, head_l2, budget_folds, max_escape):
     """Cross-validate finetune's recipe on DATA_DIR: every image scored once, out of fold."""
     require_training_side("cv")
     cfg = _finetune_config(backbone=backbone, img_size=img_size, ok_class=ok_class, seed=seed,
                            augmented_views=augmented_views, crop=crop, group_pattern=group_pattern,
                            weights=str(weights) if weights else None, epochs=epochs, unfreeze=unfreeze, l2sp=l2sp,
-                           strict=strict, device=device, trunk_runtime=trunk_runtime, max_escape=max_escape)
+                           strict=strict, device=device, trunk_runtime=trunk_runtime, max_escape=max_escape,
+                           head_l2=head_l2, budget_folds=budget_folds)
     if grid is not None:
         from edge_tl.cv_grid import cross_validate_grid, load_grid
 

@@ -82,9 +82,9 @@ def escape_budget_point(views: torch.Tensor, labels: np.ndarray, keys: list[str]
     """``cfg.max_escape``'s operating point (:func:`edge_tl.operating_point.operating_point`) on out-of-fold
     logits of training data: ``views`` (views, N, D) of N training samples, each scored by a head fitted like
     the deployed one (``cfg.head_l2``, ``cfg.epochs * cfg.lbfgs_iterations`` iterations) on the other inner
-    folds (at most DEFAULT_FOLDS, fewer when a class has fewer samples or parts). Adds ``folds``."""
+    folds (at most ``cfg.budget_folds``, fewer when a class has fewer samples or parts). Adds ``folds``."""
     labels = np.asarray(labels)
-    folds = int(min(DEFAULT_FOLDS, max(2, min(fold_units(labels, keys, classes).values()))))
+    folds = int(min(cfg.budget_folds, max(2, min(fold_units(labels, keys, classes).values()))))
     fold_of = fold_assignment(labels, keys, folds, cfg.seed)
     logits = out_of_fold_logits(views, labels, len(classes), fold_of, cfg.head_l2, cfg.epochs * cfg.lbfgs_iterations,
                                 cfg.seed)

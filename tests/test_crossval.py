@@ -81,6 +81,32 @@ def test_out_of_fold_logits_never_see_the_scored_sample():
     assert np.mean(out_of_fold_logits(separable, labels, 4, folds, 1e-4, 100).argmax(1) == labels) > 0.95
 
 
+def test_escape_budget_shift_is_measured_on_budget_folds_inner_folds():
+    """--budget-folds K: each inner head sees (K-1)/K of the training samples; fewer folds when a class is smaller."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), [60, 20, 12])  # class 0 is ok
+    views = torch.from_numpy(rng.normal(size=(2, len(labels), 32)).astype(np.float32))
+    views[:, :, :3] += torch.from_numpy(np.eye(3, dtype=np.float32)[labels] * 1.5)
+    classes = ("ok", "scratch", "spot")
+    shifts = {}
+    for budget_folds, expected_folds in ((5, 5), (10, 10), (20, 12)):
+        cfg = FinetuneConfig(ok_class="ok", max_escape=0.05, budget_folds=budget_folds, epochs=5)
+        point = escape_budget_point(views, labels, None, classes, cfg)
+        assert point["folds"] == expected_folds
+        oracle = out_of_fold_logits(views, labels, 3, stratified_folds(labels, expected_folds, cfg.seed), cfg.head_l2,
+                                    cfg.epochs * cfg.lbfgs_iterations, cfg.seed)
+        assert point["ok_logit_shift"] == pytest.approx(ok_logit_shift(oracle, labels, 0, 0.05), abs=1e-5)
+        shifts[budget_folds] = point["ok_logit_shift"]
+    assert len(set(shifts.values())) > 1  # the fold count changes the measured shift
+
+
+@pytest.mark.parametrize("option,value", [("--budget-folds", "1"), ("--head-l2", "-0.1")])
+def test_cv_rejects_bad_head_and_budget_settings_in_one_line(textures, capsys, option, value):
+    assert main(["cv", str(textures), "--ok-class", "ok", "--max-escape", "0.02", option, value]) == 2
+    err = capsys.readouterr().err
+    assert option.lstrip("-").replace("-", " ") in err.lower() and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_cross_validate_scores_every_image_once(textures, tmp_path):
     out = tmp_path / "cv.json"
     result = cross_validate(textures, CFG, folds=4, out=out)
