@@ -144,10 +144,10 @@ def _cross_validate_recipes(data_dir: Path, recipes: list, folds: int, checked, 
         entry["users"] += 1
     results = []
     for cfg, (spec, _) in zip(recipes, checked):
-        started = time.perf_counter()
         entry = caches[tuple(getattr(cfg, name) for name in CACHE_SETTINGS)]
         if "cache" not in entry:
             _fill_cache(entry, cfg, records, len(scan.classes))
+        started = time.perf_counter()  # after the cache pass, which each of its users carries a share of
         share = entry["seconds"] / entry["users"]
         logits, points, tail_info = _out_of_fold(entry, cfg, labels, fold_of, keys, scan.classes)
         shifted = _shifted(logits, fold_of, points, resolve_ok_class(scan.classes, cfg.ok_class) if points else 0)
