@@ -18,6 +18,7 @@ from edge_tl.features import resolve_runtime
 from edge_tl.groups import compile_group_pattern
 from edge_tl.head import DEFAULT_HEAD_L2
 from edge_tl.metrics import resolve_ok_class
+from edge_tl.out_of_fold import DEFAULT_FOLDS
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class FinetuneConfig:
     strict: bool = False
     device: str = "auto"  # where frozen-trunk passes run: auto (a CUDA GPU if PyTorch sees one), cpu, cuda
     max_escape: float | None = None  # escape budget: lower the ok logit until out-of-fold escapes <= this share
-    budget_folds: int = 5  # --max-escape: inner folds of the training split its shift is measured on
+    budget_folds: int = DEFAULT_FOLDS  # --max-escape: inner folds of the training split its shift is measured on
     crop: float = 1.0  # share of the squashed image kept, centred (1: the whole image; 0.875: ImageNet-style)
     group_pattern: str | None = None  # regex naming the part in a file name: its images stay on one side of splits
     trunk_runtime: str = "auto"  # frozen-trunk passes: auto (ONNX Runtime on a CPU, PyTorch on a GPU), torch, onnxruntime
@@ -81,8 +82,8 @@ def validate_inputs(data_dir: Path, out: Path | None, cfg: FinetuneConfig, force
     if cfg.head_l2 < 0:
         raise ConfigError(f"head L2 {cfg.head_l2} must be 0 or more (default {DEFAULT_HEAD_L2:g})")
     if isinstance(cfg.budget_folds, bool) or not isinstance(cfg.budget_folds, int) or cfg.budget_folds < 2:
-        raise ConfigError(f"budget folds {cfg.budget_folds!r} must be a whole number of at least 2 (default 5; 10 "
-                          "gives each inner head nine tenths of the training split)")
+        raise ConfigError(f"budget folds {cfg.budget_folds!r} must be a whole number of at least 2 (default "
+                          f"{DEFAULT_FOLDS}; 10 gives each inner head nine tenths of the training split)")
     if cfg.max_escape is not None and cfg.ok_class is None:
         raise ConfigError("--max-escape needs --ok-class: name the good-part class whose logit it lowers")
     if out is not None:
